@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
@@ -100,12 +101,14 @@ class LRAModel(BaseTuner):
             return Conv2d(target, adapter_name, r, alpha, config)
         if isinstance(base, Conv1D):
             if not config.fan_in_fan_out:
-                warnings.warn(f"{key} is a Conv1D, which stores its weight as (in, out): using fan_in_fan_out=True.")
+                warnings.warn(f"{key} is a Conv1D, which stores its weight as (in, out): setting fan_in_fan_out=True.", stacklevel=2)
+                config.fan_in_fan_out = True
             return Linear(target, adapter_name, r, alpha, config, fan_in_fan_out=True)
         backend = resolve_quantization_backend(base)
         if isinstance(base, nn.Linear) or (backend is not None and backend.layer_type == "linear"):
             if config.fan_in_fan_out:
-                warnings.warn(f"{key} is a Linear, which stores its weight as (out, in): using fan_in_fan_out=False.")
+                warnings.warn(f"{key} is a Linear, which stores its weight as (out, in): setting fan_in_fan_out=False.", stacklevel=2)
+                config.fan_in_fan_out = False
             return Linear(target, adapter_name, r, alpha, config, fan_in_fan_out=False)
         raise ValueError(
             f"Target module {key} ({type(base).__name__}) is not supported by LRA. Supported: {SUPPORTED_LAYERS}. "
