@@ -21,12 +21,18 @@ import torch
 import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
-from peft.utils import resolve_quantization_backend
 from peft.utils.quantization_utils import ForwardOnlyQuantizationBackend
 from torch import nn
 
 from .config import LRAConfig
 from .decomposition import random_orthonormal, top_or_bottom_svd
+from .quantization import (
+    full_precision_weight,
+    has_full_precision_source,
+    is_bnb_backend,
+    quantization_backend_for,
+    refine_quantized_init,
+)
 
 
 class LRALayer(BaseTunerLayer):
@@ -35,7 +41,7 @@ class LRALayer(BaseTunerLayer):
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
-        self.quantization_backend = resolve_quantization_backend(self.get_base_layer())
+        self.quantization_backend = quantization_backend_for(self.get_base_layer())
         self.r: dict[str, int] = {}
         self.lra_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -113,15 +119,41 @@ class LRALayer(BaseTunerLayer):
                 f"{self.quantization_backend.backend_name} quantized layer that cannot be dequantized. Use "
                 "init_weights=True for it (e.g. exclude it via `exclude_modules`), or load the base unquantized."
             )
+        quantized_owner = self.residual_owner is None and is_bnb_backend(self.quantization_backend)
+        if quantized_owner and not has_full_precision_source(self.get_base_layer()):
+            warnings.warn(
+                f"init_weights={config.init_weights!r} on a bitsandbytes-quantized layer decomposes its dequantized "
+                "weight Q(W), whose full-precision original is unknown. Load the model with "
+                "`lra_peft.quantized_load(...)` to decompose W itself (lower quantization error).",
+                stacklevel=2,
+            )
         # With another adapter's ΔW₀ already subtracted, decompose the original weight, not that residual.
         weight = self._original_weight_matrix()
         U, S, V = top_or_bottom_svd(weight, r, config.init_weights, niter=config.svd_niter)
+        if config.quant_refine_iters and quantized_owner:
+            # This adapter's ΔW₀ will leave the base as Q(W − ΔW₀): fit ΔW₀ to what that quantization loses.
+            dtype = self.get_base_weight().dtype
+            base = self.get_base_layer()
+
+            def quantize_dequantize(residual: torch.Tensor) -> torch.Tensor:
+                native = self._from_matrix(residual).to(dtype)
+                return self._to_matrix(self.quantization_backend.quantize_dequantize(base, native))
+
+            U, S, V, _ = refine_quantized_init(
+                weight, U, S, V, quantize_dequantize, config.quant_refine_iters, config.init_weights,
+                niter=config.svd_niter,
+            )
         return U, S / self.scaling[adapter_name], V
 
     def _base_weight_matrix(self) -> torch.Tensor:
         return self._to_matrix(self.get_base_weight()).to(torch.float32)
 
     def _original_weight_matrix(self) -> torch.Tensor:
+        if self.residual_owner is None and self.quantization_backend is not None:
+            # A quantized base stores Q(W); where the checkpoint's W is known (lra_peft.quantized_load), use it.
+            original = full_precision_weight(self.get_base_layer(), self.quantization_backend)
+            if original is not None:
+                return self._to_matrix(original).to(torch.float32)
         weight = self._base_weight_matrix()
         if self.residual_owner is not None:
             weight = weight + self._init_delta_matrix(self.residual_owner).float()
@@ -129,8 +161,10 @@ class LRALayer(BaseTunerLayer):
 
     def _subtract_init_from_base(self, adapter_name: str) -> None:
         weight = self.get_base_weight()
+        # The matrix that was decomposed: the base itself, or a quantized base's full-precision original.
+        original = self._from_matrix(self._original_weight_matrix())
         delta = self._from_matrix(self._init_delta_matrix(adapter_name))
-        self.set_base_weight((weight.float() - delta.float()).to(weight.dtype))
+        self.set_base_weight((original.float() - delta.float()).to(weight.dtype))
         self.residual_owner = adapter_name
 
     def release_residual(self) -> None:
