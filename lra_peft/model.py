@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 import warnings
 from collections.abc import Iterator
@@ -10,10 +11,16 @@ from functools import partial
 from typing import Any, Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import (
+    BaseTuner,
+    BaseTunerLayer,
+    _get_in_out_features,
+    _maybe_include_all_linear_layers,
+)
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, resolve_quantization_backend
 from peft.utils.error import NoMatchingPeftModuleError
 from peft.utils.other import get_pattern_key
+from peft.utils.quantization_utils import ForwardOnlyQuantizationBackend
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -22,6 +29,31 @@ from .layer import Conv2d, Embedding, Linear, LRALayer
 from .regularization import orthogonal_loss
 
 SUPPORTED_LAYERS = "torch.nn.Linear, transformers' Conv1D, torch.nn.Embedding, torch.nn.Conv2d and bitsandbytes Linear8bitLt/Linear4bit"
+
+
+def _layer_type(module: nn.Module) -> Optional[str]:
+    """Which LRA layer class adapts `module` ("linear", "conv1d", "embedding", "conv2d"), or None."""
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, nn.Conv2d):
+        return "conv2d"
+    if isinstance(module, Conv1D):
+        return "conv1d"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    backend = resolve_quantization_backend(module)
+    if backend is not None and backend.layer_type == "linear":
+        return "linear"
+    return None
+
+
+def _matrix_dims(module: nn.Module, layer_type: str) -> tuple[int, int]:
+    """(in, out) of the weight's matrix view, as the LRA layer will see it."""
+    if layer_type == "conv2d":
+        kh, kw = module.kernel_size
+        return module.in_channels * kh * kw, module.out_channels
+    in_features, out_features = _get_in_out_features(module)
+    return in_features, out_features
 
 
 def _adapter_names_pre_forward_hook(target: nn.Module, args: Any, kwargs: dict, adapter_names: list[str]) -> Any:
@@ -56,17 +88,85 @@ class LRAModel(BaseTuner):
         return peft_config
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        # Validate every target before changing any: a bad target found half-way would otherwise leave earlier layers
+        # replaced (and, for principal init, their weights rewritten).
+        self._validate_targets(model, adapter_name)
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
         except NoMatchingPeftModuleError as exc:
-            config = self.peft_config[adapter_name]
-            names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-                            if isinstance(m, (nn.Linear, Conv1D, nn.Embedding, nn.Conv2d))})
-            raise ValueError(
-                f"LRAConfig.target_modules={config.target_modules!r} matched no module of the model. Module names "
-                f"that LRA can adapt here include: {', '.join(names[:20]) or '(none)'}. Pass some of these (or "
-                "'all-linear')."
-            ) from exc
+            raise self._no_match_error(model, adapter_name) from exc
+        except Exception:
+            self._remove_partial_adapter(model, adapter_name)
+            raise
+
+    def _matched_targets(self, model: nn.Module, adapter_name: str) -> list[tuple[str, nn.Module]]:
+        config = copy.deepcopy(self.peft_config[adapter_name])
+        config = self._prepare_adapter_config(config, self.get_model_config(model))
+        config = _maybe_include_all_linear_layers(config, model)
+        matched = []
+        for key, module in model.named_modules():
+            if not key or ".base_layer" in key or ".lra_" in key:
+                continue
+            if self._check_target_module_exists(config, key):
+                matched.append((key, module))
+        return matched
+
+    def _validate_targets(self, model: nn.Module, adapter_name: str) -> None:
+        config = self.peft_config[adapter_name]
+        for key, module in self._matched_targets(model, adapter_name):
+            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+            if isinstance(module, BaseTunerLayer) and not isinstance(module, LRALayer):
+                continue  # another method's layer: PEFT reports that itself
+            layer_type = _layer_type(base)
+            if layer_type is None:
+                if isinstance(module, (nn.ModuleList, nn.ModuleDict, nn.Sequential)) or not list(
+                    base.parameters(recurse=False)
+                ):
+                    continue  # containers are skipped by PEFT's own matching for non-leaf regexes
+                raise ValueError(
+                    f"Target module {key} ({type(base).__name__}) is not supported by LRA. Supported: "
+                    f"{SUPPORTED_LAYERS}. Narrow LRAConfig.target_modules so that it does not match this module."
+                )
+            if layer_type == "conv2d" and base.groups != 1:
+                raise ValueError(
+                    f"Target module {key} is a Conv2d with groups={base.groups}; LRA supports groups=1 only. "
+                    "Exclude it via LRAConfig.exclude_modules."
+                )
+            r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), key), config.r)
+            in_features, out_features = _matrix_dims(base, layer_type)
+            if config.decomposes_base and not config._from_checkpoint:
+                backend = resolve_quantization_backend(base)
+                if isinstance(backend, ForwardOnlyQuantizationBackend):
+                    raise ValueError(
+                        f"LRAConfig.init_weights={config.init_weights!r} cannot decompose {key}: it is a "
+                        f"{backend.backend_name} quantized layer whose weight cannot be dequantized. Use "
+                        "init_weights=True, exclude the layer via exclude_modules, or load the base unquantized."
+                    )
+                if r > min(in_features, out_features):
+                    raise ValueError(
+                        f"LRAConfig.r={r} exceeds the rank of {key} ({out_features}x{in_features}), so "
+                        f"init_weights={config.init_weights!r} has no {r} singular triplets to take. Lower r or set "
+                        "a smaller rank for this module in rank_pattern."
+                    )
+
+    def _no_match_error(self, model: nn.Module, adapter_name: str) -> ValueError:
+        config = self.peft_config[adapter_name]
+        names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if _layer_type(m) is not None})
+        return ValueError(
+            f"LRAConfig.target_modules={config.target_modules!r} matched no module of the model. Module names that "
+            f"LRA can adapt here include: {', '.join(names[:20]) or '(none)'}. Pass some of these (or 'all-linear')."
+        )
+
+    def _remove_partial_adapter(self, model: nn.Module, adapter_name: str) -> None:
+        """Undo a failed injection: drop the adapter from every layer, unwrap layers left with no adapter."""
+        for key, module in list(model.named_modules()):
+            if not isinstance(module, LRALayer) or adapter_name not in module.lra_U:
+                continue
+            module.delete_adapter(adapter_name)
+            if not module.lra_U:
+                parent_key, _, child = key.rpartition(".")
+                parent = model.get_submodule(parent_key) if parent_key else model
+                setattr(parent, child, module.get_base_layer())
 
     def _create_and_replace(
         self,
@@ -95,17 +195,17 @@ class LRAModel(BaseTuner):
         config: LRAConfig, adapter_name: str, target: nn.Module, r: int, alpha: float, key: str
     ) -> nn.Module:
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if isinstance(base, nn.Embedding):
+        layer_type = _layer_type(base)
+        if layer_type == "embedding":
             return Embedding(target, adapter_name, r, alpha, config)
-        if isinstance(base, nn.Conv2d):
+        if layer_type == "conv2d":
             return Conv2d(target, adapter_name, r, alpha, config)
-        if isinstance(base, Conv1D):
+        if layer_type == "conv1d":
             if not config.fan_in_fan_out:
                 warnings.warn(f"{key} is a Conv1D, which stores its weight as (in, out): setting fan_in_fan_out=True.", stacklevel=2)
                 config.fan_in_fan_out = True
             return Linear(target, adapter_name, r, alpha, config, fan_in_fan_out=True)
-        backend = resolve_quantization_backend(base)
-        if isinstance(base, nn.Linear) or (backend is not None and backend.layer_type == "linear"):
+        if layer_type == "linear":
             if config.fan_in_fan_out:
                 warnings.warn(f"{key} is a Linear, which stores its weight as (out, in): setting fan_in_fan_out=False.", stacklevel=2)
                 config.fan_in_fan_out = False

