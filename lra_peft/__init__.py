@@ -6,20 +6,33 @@
 
 from ._registration import register as _register
 from .config import LRAConfig
+from .export import CompressionReport, compress, export_lora, export_merged
+from .hub import install_peft_model_hooks as _install_peft_model_hooks
+from .hub import push_to_hub
 from .layer import Conv2d, Embedding, Linear, LRALayer
 from .model import LRAModel
 from .regularization import orthogonal_loss
+from .report import LayerRank, RankReport, rank_report
 
 _register()
+_install_peft_model_hooks()
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CompressionReport",
     "Conv2d",
     "Embedding",
     "LRAConfig",
     "LRALayer",
     "LRAModel",
+    "LayerRank",
     "Linear",
+    "RankReport",
+    "compress",
+    "export_lora",
+    "export_merged",
     "orthogonal_loss",
+    "push_to_hub",
+    "rank_report",
 ]

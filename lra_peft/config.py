@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
@@ -194,3 +195,11 @@ class LRAConfig(PeftConfig):
     def decomposes_base(self) -> bool:
         """True when initialisation comes from the SVD of the base weight."""
         return self.init_weights in ("principal", "minor")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs) -> LRAConfig:
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        # Remember a local source folder: model cards read the recipe's metrics.json there (see lra_peft.hub).
+        source = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        config._source_dir = source if os.path.isdir(source) else None
+        return config

@@ -1,0 +1,429 @@
+"""Model cards and Hub uploads for LRA adapters.
+
+`import lra_peft` makes `PeftModel.save_pretrained` write an LRA model card (README.md) and `PeftModel.push_to_hub`
+upload adapter_config.json, adapter_model.safetensors and that card; `push_to_hub(adapter_dir, repo_id)` does the
+same for a saved adapter folder. The card says that the adapter needs lra-peft (or a LoRA export), names the base
+model and task, and lists the metrics a recipe wrote to metrics.json next to the adapter.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from ._io import PathLike, atomic_write_bytes
+from .snapshot import (
+    METRICS_NAME,
+    AdapterSnapshot,
+    read_metrics,
+    snapshot_from_dir,
+    snapshot_from_model,
+)
+
+SECTION_START = "<!-- lra-peft:start -->"
+SECTION_END = "<!-- lra-peft:end -->"
+CARD_TAGS = ("lra", "lra-peft", "peft")
+
+TASKS = {
+    "SEQ_CLS": ("sequence classification", "text-classification", "AutoPeftModelForSequenceClassification"),
+    "TOKEN_CLS": ("token classification", "token-classification", "AutoPeftModelForTokenClassification"),
+    "CAUSAL_LM": ("causal language modelling", "text-generation", "AutoPeftModelForCausalLM"),
+    "SEQ_2_SEQ_LM": ("sequence-to-sequence generation", "text2text-generation", "AutoPeftModelForSeq2SeqLM"),
+    "QUESTION_ANS": ("extractive question answering", "question-answering", "AutoPeftModelForQuestionAnswering"),
+    "FEATURE_EXTRACTION": ("feature extraction", "feature-extraction", "AutoPeftModelForFeatureExtraction"),
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+# ------------------------------------------------------------------------------------------------ model cards
+def _hub_id(name: Optional[str]) -> Optional[str]:
+    """`name` if it looks like a Hub repo id (not a local path): card metadata must name a real Hub model."""
+    if not name or os.path.exists(name) or not _HUB_ID.match(name) or name.count("/") > 1:
+        return None
+    return name
+
+
+# metrics.json entries that describe the run rather than measure the model.
+_NOT_METRICS = {"args", "history", "num_processes", "epochs", "train_steps"}
+
+
+def _metric_rows(metrics: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """The numbers of metrics.json (nested objects flattened to `a.b`); run settings and logs are left out."""
+    rows = []
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if key in _NOT_METRICS:
+            continue
+        if isinstance(value, dict):
+            rows.extend(_metric_rows(value, prefix=f"{name}."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            rows.append((name, value))
+    return rows
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def card_section(
+    snapshot: AdapterSnapshot,
+    *,
+    repo_id: Optional[str] = None,
+    metrics: Optional[dict[str, Any]] = None,
+    notes: Iterable[str] = (),
+) -> str:
+    """The LRA part of a model card (markdown between the lra-peft markers)."""
+    import peft
+
+    from . import __version__
+
+    config = snapshot.config
+    base = snapshot.base_model_name_or_path or "(not recorded)"
+    task_type = str(config.task_type) if config.task_type is not None else None
+    task_name, _, auto_class = TASKS.get(task_type, (None, None, "AutoPeftModel"))
+    ranks = [layer.rank() for layer in snapshot.layers.values()]
+    modules = sorted({name.rsplit(".", 1)[-1] for name in snapshot.layers})
+    init = config.init_weights if isinstance(config.init_weights, str) else ("zero ΔW" if config.init_weights else "random")
+    base_link = f"[`{base}`](https://huggingface.co/{base})" if _hub_id(base) else f"`{base}`"
+    parts = []
+    if metrics and isinstance(metrics.get("task"), str):
+        parts.append(metrics["task"])
+    if task_type:
+        parts.append(f"{task_name} (`{task_type}`)" if task_name else f"`{task_type}`")
+    task = " — ".join(parts) or "not recorded"
+    if metrics and isinstance(metrics.get("dataset"), str):
+        task += f", dataset `{metrics['dataset']}`"
+
+    lines = [
+        SECTION_START,
+        "## LRA adapter",
+        "",
+        "This adapter was trained with **lra-peft**, a PEFT method that adds ΔW = s · U · diag(λ) · Vᵀ to each adapted "
+        "weight (U, λ, V trainable, base weights frozen). It needs `lra-peft` to load with PEFT, or a one-time "
+        "conversion to a standard LoRA adapter (see below).",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| base model | {base_link} |",
+        f"| task | {task} |",
+        f"| method | LRA, r={config.r}, lra_alpha={config.lra_alpha}, init_weights=`{init}` |",
+        f"| target modules | {', '.join(f'`{m}`' for m in modules)} ({len(snapshot.layers)} layers) |",
+        f"| rank per layer (non-zero λ) | mean {sum(ranks) / len(ranks):.2f}, min {min(ranks)}, max {max(ranks)} |",
+        f"| trainable parameters | {snapshot.num_trainable():,} |",
+    ]
+    if config.modules_to_save:
+        lines.append(f"| also trained | {', '.join(f'`{m}`' for m in sorted(config.modules_to_save))} |")
+    lines.append("")
+    rows = _metric_rows(metrics or {})
+    if rows:
+        lines += ["### Metrics", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {_fmt(name)} | {_fmt(value)} |" for name, value in rows]
+        lines.append("")
+    for note in notes:
+        lines += [note, ""]
+    source = repo_id or "path/to/adapter"
+    local = "adapter" if repo_id else source
+    lines += [
+        "### How to load",
+        "",
+        "With lra-peft installed (`pip install lra-peft`), import it once so that PEFT knows the method:",
+        "",
+        "```python",
+        "import lra_peft  # registers LRA with PEFT",
+        f"from peft import {auto_class}",
+        "",
+        f'model = {auto_class}.from_pretrained("{source}")',
+        "```",
+        "",
+        "Without lra-peft at serving time (vLLM, TGI, plain PEFT), convert it once to a standard LoRA adapter, which "
+        "reproduces it exactly, or merge it into the base model:",
+        "",
+        "```bash",
+    ]
+    if repo_id:
+        lines.append(f"hf download {repo_id} --local-dir {local}")
+    lines += [
+        f"lra-peft export-lora {local} {local}-lora      # then PeftModel.from_pretrained(base, \"{local}-lora\")",
+        f"lra-peft merge <base model folder> {local} merged-model",
+        "```",
+        "",
+        "### Framework versions",
+        "",
+        f"- lra-peft {__version__}",
+        f"- PEFT {peft.__version__}",
+        SECTION_END,
+    ]
+    return "\n".join(lines)
+
+
+def _upsert_section(text: str, section: str) -> str:
+    start, end = text.find(SECTION_START), text.find(SECTION_END)
+    if start != -1 and end > start:
+        return text[:start] + section + text[end + len(SECTION_END):]
+    # Put the LRA facts first: they are what a reader needs before anything else can work.
+    heading = re.search(r"^# .*$", text, flags=re.MULTILINE)
+    if heading:
+        cut = heading.end()
+        return text[:cut] + "\n\n" + section + "\n" + text[cut:]
+    return section + "\n\n" + text
+
+
+def build_card(
+    snapshot: AdapterSnapshot,
+    *,
+    existing: Optional[str] = None,
+    repo_id: Optional[str] = None,
+    metrics: Optional[dict[str, Any]] = None,
+    tags: Optional[Iterable[str]] = None,
+    notes: Iterable[str] = (),
+) -> str:
+    """A full README.md: `existing` (a user's card is kept, its LRA section replaced) or a new card."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    section = card_section(snapshot, repo_id=repo_id, metrics=metrics, notes=notes)
+    if existing and existing.strip():
+        card = ModelCard(existing, ignore_metadata_errors=True)
+        card.text = _upsert_section(card.text, section)
+    else:
+        title = repo_id.split("/")[-1] if repo_id else f"LRA adapter for {snapshot.base_model_name_or_path or 'a model'}"
+        card = ModelCard(f"---\n{ModelCardData(library_name='peft').to_yaml()}\n---\n\n# {title}\n\n{section}\n")
+    data = card.data
+    data.library_name = "peft"
+    base = _hub_id(snapshot.base_model_name_or_path)
+    existing_tags = [t for t in (data.tags or []) if not (t.startswith("base_model:") and base is None)]
+    data.tags = list(dict.fromkeys([*existing_tags, *CARD_TAGS, *(tags or [])]))
+    if base is not None:
+        data.base_model = base
+    elif getattr(data, "base_model", None) is not None and _hub_id(str(data.base_model)) is None:
+        data.base_model = None  # PEFT writes local paths here; the Hub rejects metadata that names no Hub model
+    task = TASKS.get(str(snapshot.config.task_type))
+    if task is not None and not getattr(data, "pipeline_tag", None):
+        data.pipeline_tag = task[1]
+    return str(card)
+
+
+def write_card(
+    folder: PathLike,
+    snapshot: AdapterSnapshot,
+    *,
+    repo_id: Optional[str] = None,
+    metrics: Optional[dict[str, Any]] = None,
+    tags: Optional[Iterable[str]] = None,
+    notes: Iterable[str] = (),
+) -> Path:
+    """Write (or update) `folder`/README.md with the LRA model card."""
+    readme = Path(folder) / "README.md"
+    existing = readme.read_text() if readme.is_file() else None
+    text = build_card(snapshot, existing=existing, repo_id=repo_id, metrics=metrics, tags=tags, notes=notes)
+    atomic_write_bytes(readme, text.encode("utf-8"))
+    return readme
+
+
+def lora_export_card(snapshot: AdapterSnapshot, ranks: dict[str, int]) -> str:
+    """README.md of a LoRA export."""
+    base = snapshot.base_model_name_or_path or "(not recorded)"
+    hub_base = _hub_id(base)
+    meta = ["---", "library_name: peft", "tags:", "- lora", "- lra-peft"]
+    if hub_base:
+        meta.append(f"base_model: {hub_base}")
+    meta.append("---")
+    init = snapshot.config.init_weights
+    residual = (
+        " It was trained from an SVD initialisation, so it is exported in its residual-free form "
+        "[U | U₀] · diag(sλ, −sλ₀) · [V | V₀]ᵀ, which applies to the original base weights."
+        if any(layer.has_init for layer in snapshot.layers.values())
+        else ""
+    )
+    return "\n".join(
+        meta
+        + [
+            "",
+            f"# LoRA export of an LRA adapter for {base}",
+            "",
+            f"A standard PEFT LoRA adapter, converted exactly from an LRA adapter (lra-peft, init_weights={init!r}) "
+            f"by `lra-peft export-lora`: ΔW = B · A with B = s · U · diag(λ), A = Vᵀ and LoRA scale 1.{residual}",
+            "",
+            f"Rank per layer: {min(ranks.values())}–{max(ranks.values())}. Load it with stock PEFT, no lra-peft needed:",
+            "",
+            "```python",
+            "from peft import PeftModel",
+            "",
+            'model = PeftModel.from_pretrained(base_model, "path/to/this/folder")',
+            "```",
+            "",
+        ]
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- uploads
+def upload_folder(
+    folder: PathLike,
+    repo_id: str,
+    *,
+    private: Optional[bool] = None,
+    token: Union[bool, str, None] = None,
+    revision: Optional[str] = None,
+    commit_message: Optional[str] = None,
+    commit_description: Optional[str] = None,
+    create_pr: bool = False,
+) -> Any:
+    """Create `repo_id` if needed and commit every file of `folder` to it in one commit; returns the CommitInfo."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    api = HfApi()
+    repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+    if revision is not None and not create_pr:
+        api.create_branch(repo_id, branch=revision, token=token, exist_ok=True)
+    root = Path(folder)
+    operations = [
+        CommitOperationAdd(path_in_repo=path.relative_to(root).as_posix(), path_or_fileobj=str(path))
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+    ]
+    return api.create_commit(
+        repo_id=repo_id,
+        operations=operations,
+        commit_message=commit_message or "Upload LRA adapter",
+        commit_description=commit_description,
+        token=token,
+        revision=revision,
+        create_pr=create_pr,
+    )
+
+
+def push_to_hub(
+    adapter_dir: PathLike,
+    repo_id: str,
+    *,
+    private: Optional[bool] = None,
+    token: Union[bool, str, None] = None,
+    revision: Optional[str] = None,
+    commit_message: Optional[str] = None,
+    commit_description: Optional[str] = None,
+    create_pr: bool = False,
+    tags: Optional[list[str]] = None,
+) -> Any:
+    """Upload a saved LRA adapter folder to the Hub with an LRA model card; returns the CommitInfo.
+
+    Uploads the files at the top of the folder (adapter_config.json, the weights, tokenizer, metrics.json, labels,
+    reports; not sub-folders such as checkpoints or logs, nor hidden files) with README.md holding an LRA model card
+    (the folder's card with its LRA section refreshed, or a new one). The token comes from `token`, else
+    `HF_TOKEN` or `hf auth login`, as everywhere in huggingface_hub.
+    """
+    snapshot = snapshot_from_dir(adapter_dir)
+    source = Path(adapter_dir)
+    with tempfile.TemporaryDirectory(prefix="lra-push-") as tmp:
+        for path in source.iterdir():
+            if path.is_file() and not path.name.startswith("."):
+                shutil.copy2(path, Path(tmp) / path.name)
+        write_card(tmp, snapshot, repo_id=repo_id, metrics=read_metrics([source]), tags=tags)
+        return upload_folder(
+            tmp,
+            repo_id,
+            private=private,
+            token=token,
+            revision=revision,
+            commit_message=commit_message,
+            commit_description=commit_description,
+            create_pr=create_pr,
+        )
+
+
+# ---------------------------------------------------------------------------------------------- PEFT hooks
+def _lra_adapter(model: Any) -> Optional[str]:
+    from .config import LRAConfig
+
+    configs = getattr(model, "peft_config", {}) or {}
+    active = getattr(model, "active_adapter", None)
+    if isinstance(active, str) and isinstance(configs.get(active), LRAConfig):
+        return active
+    return next((name for name, config in configs.items() if isinstance(config, LRAConfig)), None)
+
+
+def _metrics_dirs(model: Any, adapter: str, output_dir: Optional[PathLike] = None) -> list:
+    config = model.peft_config[adapter]
+    return [output_dir, model.__dict__.get("_lra_saved_dir"), getattr(config, "_source_dir", None)]
+
+
+def install_peft_model_hooks() -> None:
+    """Give LRA models an LRA model card in `save_pretrained` and an LRA-aware `push_to_hub` (idempotent).
+
+    Models without an LRA adapter keep PEFT's behaviour unchanged.
+    """
+    from peft import PeftModel
+
+    if getattr(PeftModel, "_lra_peft_hooks", False):
+        return
+    original_card = PeftModel.create_or_update_model_card
+    original_push = PeftModel.push_to_hub
+
+    @functools.wraps(original_card)
+    def create_or_update_model_card(self, output_dir: str) -> None:
+        adapter = _lra_adapter(self)
+        if adapter is None:
+            return original_card(self, output_dir)
+        readme = Path(output_dir) / "README.md"
+        if readme.exists():
+            original_card(self, output_dir)  # PEFT's updates of a user's card (tags, versions) stay
+        try:
+            if not self.__dict__.get("_lra_pushing", False):
+                self.__dict__["_lra_saved_dir"] = str(output_dir)
+            metrics = read_metrics(_metrics_dirs(self, adapter, output_dir))
+            write_card(output_dir, snapshot_from_model(self, adapter), metrics=metrics)
+        except Exception as exc:  # noqa: BLE001 - a card must never make saving the adapter fail
+            warnings.warn(f"lra-peft could not write its model card ({exc}); PEFT's card is used instead.", stacklevel=2)
+            if not readme.exists():
+                original_card(self, output_dir)
+
+    @functools.wraps(original_push)
+    def push_to_hub(self, repo_id: str, *args: Any, **kwargs: Any) -> Any:
+        adapter = _lra_adapter(self)
+        if adapter is None or args:
+            return original_push(self, repo_id, *args, **kwargs)
+        unknown = set(kwargs) - {
+            "commit_message", "commit_description", "private", "token", "revision", "create_pr", "max_shard_size",
+            "tags",
+        }
+        if unknown:
+            raise TypeError(f"push_to_hub() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
+        with tempfile.TemporaryDirectory(prefix="lra-push-") as tmp:
+            self.__dict__["_lra_pushing"] = True
+            try:
+                self.save_pretrained(tmp)
+            finally:
+                self.__dict__["_lra_pushing"] = False
+            metrics_dirs = _metrics_dirs(self, adapter)
+            for folder in metrics_dirs:
+                if folder is not None and (Path(folder) / METRICS_NAME).is_file():
+                    shutil.copy2(Path(folder) / METRICS_NAME, Path(tmp) / METRICS_NAME)
+                    break
+            write_card(
+                tmp,
+                snapshot_from_model(self, adapter),
+                repo_id=repo_id,
+                metrics=read_metrics([tmp]),
+                tags=kwargs.get("tags"),
+            )
+            return upload_folder(
+                tmp,
+                repo_id,
+                private=kwargs.get("private"),
+                token=kwargs.get("token"),
+                revision=kwargs.get("revision"),
+                commit_message=kwargs.get("commit_message"),
+                commit_description=kwargs.get("commit_description"),
+                create_pr=kwargs.get("create_pr", False),
+            )
+
+    PeftModel.create_or_update_model_card = create_or_update_model_card
+    PeftModel.push_to_hub = push_to_hub
+    PeftModel._lra_peft_hooks = True
