@@ -161,3 +161,20 @@ def test_peft_model_is_a_peft_model() -> None:
     model = get_peft_model(make_mlp(), LRAConfig(r=2, target_modules=["lin0"]))
     assert isinstance(model, PeftModel)
     assert model.peft_config["default"].peft_type == "LRA"
+
+
+@pytest.mark.parametrize("bias,expected", [("none", set()), ("lra_only", {"lin0"}), ("all", {"lin0", "lin1", "conv"})])
+def test_bias_modes_train_the_right_biases(bias: str, expected: set) -> None:
+    model = get_peft_model(make_mlp(), LRAConfig(r=2, target_modules=["lin0"], bias=bias))
+    trainable_biases = {n.split(".")[2] for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")}
+    assert trainable_biases == expected
+
+
+def test_dropout_only_in_training(mlp_inputs: dict) -> None:
+    model = get_peft_model(make_mlp(), LRAConfig(r=2, target_modules=["lin0"], init_weights=False, lra_dropout=0.5))
+    model.train()
+    with torch.no_grad():
+        assert not torch.equal(model(**mlp_inputs), model(**mlp_inputs))
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(**mlp_inputs), model(**mlp_inputs))
