@@ -5,6 +5,8 @@
 """
 
 from ._registration import register as _register
+from .allocation import RankAllocator, budget_schedule
+from .callbacks import LRARankCallback
 from .config import LRAConfig
 from .export import CompressionReport, compress, export_lora, export_merged
 from .hub import install_peft_model_hooks as _install_peft_model_hooks
@@ -26,9 +28,12 @@ __all__ = [
     "LRAConfig",
     "LRALayer",
     "LRAModel",
+    "LRARankCallback",
     "LayerRank",
     "Linear",
     "RankReport",
+    "RankAllocator",
+    "budget_schedule",
     "compress",
     "export_lora",
     "export_merged",

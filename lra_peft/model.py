@@ -24,6 +24,7 @@ from peft.utils.quantization_utils import ForwardOnlyQuantizationBackend
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .allocation import RankAllocator, cut_adapter_state_dict
 from .config import LRAConfig
 from .layer import Conv2d, Embedding, Linear, LRALayer
 from .regularization import orthogonal_loss
@@ -303,3 +304,86 @@ class LRAModel(BaseTuner):
                 # ΔW₀'s rank is the checkpoint's: it can differ from r (adaptive rank cuts U, λ, V but not ΔW₀).
                 buffers[adapter_name] = torch.zeros(tensor.shape, dtype=current.dtype, device=current.device)
         return remapped
+
+    # ----------------------------------------------------------------------------------- adaptive rank allocation
+    def _rank_allocators(self) -> dict[str, RankAllocator]:
+        # Kept in __dict__ directly: BaseTuner.__getattr__ would forward a missing attribute to the wrapped model.
+        return self.__dict__.setdefault("_lra_rank_allocators", {})
+
+    def _allocating_adapters(self) -> list[str]:
+        """The active, trainable adapters whose config sets `target_r`."""
+        return [
+            name for name in self.active_adapters
+            if name in self.peft_config and self.peft_config[name].target_r is not None
+            and not self.peft_config[name].inference_mode
+        ]
+
+    def update_and_allocate(self, global_step: int) -> None:
+        """Update the importance of every (λᵢ, Uᵢ, Vᵢ) triplet and prune to the scheduled rank budget.
+
+        Call it after every `optimizer.step()` and before `optimizer.zero_grad()`, with `global_step` the number of
+        optimizer steps taken so far (1 after the first). It also keeps pruned λ at exactly zero, which the optimizer
+        (e.g. Adam's momentum) would otherwise undo. With `transformers.Trainer`, use `lra_peft.LRARankCallback`.
+
+        Example:
+            >>> for step, batch in enumerate(loader, start=1):
+            ...     accelerator.backward(model(**batch).loss)
+            ...     optimizer.step()
+            ...     model.update_and_allocate(step)
+            ...     optimizer.zero_grad()
+        """
+        if isinstance(global_step, bool) or not isinstance(global_step, int) or global_step < 0:
+            raise ValueError(f"update_and_allocate(global_step={global_step!r}): pass the number of optimizer steps "
+                             "taken so far, an integer >= 0.")
+        adapters = self._allocating_adapters()
+        if not adapters:
+            raise ValueError(
+                f"update_and_allocate: adaptive rank allocation is off for the active adapter(s) "
+                f"{list(self.active_adapters)}. Set LRAConfig.target_r (the average rank per layer to end with) and "
+                "total_step to use it; an adapter loaded with is_trainable=False never allocates."
+            )
+        allocators = self._rank_allocators()
+        for name in adapters:
+            config = self.peft_config[name]
+            if config.total_step is None:
+                raise ValueError(
+                    f"update_and_allocate: LRAConfig.total_step is None for adapter {name!r}, so the rank budget has "
+                    "no schedule. Set total_step to the number of optimizer steps of training (LRARankCallback fills "
+                    "it from the Trainer's max_steps)."
+                )
+            if name not in allocators:
+                allocators[name] = RankAllocator(self.model, name, config)
+            allocators[name].step(global_step)
+
+    def allocated_ranks(self, adapter_name: Optional[str] = None) -> dict[str, int]:
+        """Per adapted layer (module name): the rank of `adapter_name` (default: the active one) after allocation so
+        far. Layers keep their full rank while allocation has not run."""
+        adapter_name = adapter_name or self.active_adapters[0]
+        allocator = self._rank_allocators().get(adapter_name)
+        ranks = {name: module.r[adapter_name] for name, module in self.model.named_modules()
+                 if isinstance(module, LRALayer) and adapter_name in module.r}
+        if allocator is not None:
+            ranks.update(allocator.ranks())
+        return ranks
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._rank_allocators().pop(adapter_name, None)
+        super().delete_adapter(adapter_name)
+
+    @classmethod
+    def _get_adapter_state_dict(
+        cls,
+        model: nn.Module,
+        config: LRAConfig,
+        adapter_name: str,
+        state_dict: dict[str, torch.Tensor],
+        unwanted_adapter_names: list[str],
+    ) -> dict[str, torch.Tensor]:
+        to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        tuner = model.base_model if isinstance(getattr(model, "base_model", None), LRAModel) else model
+        if not isinstance(tuner, LRAModel):
+            return to_return
+        layers = {name: m for name, m in tuner.model.named_modules() if isinstance(m, LRALayer)}
+        # Allocation zeroed the pruned λ: save only the triplets left, with their ranks in rank_pattern.
+        return cut_adapter_state_dict(tuner._rank_allocators().get(adapter_name), layers, config, adapter_name,
+                                      to_return)
