@@ -350,8 +350,11 @@ def _lra_adapter(model: Any) -> Optional[str]:
 
 
 def _metrics_dirs(model: Any, adapter: str, output_dir: Optional[PathLike] = None) -> list:
+    """Where a recipe's metrics.json for the model's current weights can be: the folder being written, the folder
+    last saved to, and the folder loaded from if the adapter was loaded frozen (trained further, it is stale)."""
     config = model.peft_config[adapter]
-    return [output_dir, model.__dict__.get("_lra_saved_dir"), getattr(config, "_source_dir", None)]
+    source = getattr(config, "_source_dir", None) if config.inference_mode else None
+    return [output_dir, model.__dict__.get("_lra_saved_dir"), source]
 
 
 def install_peft_model_hooks() -> None:
