@@ -179,7 +179,7 @@ class RankAllocator:
             if step > self.config.init_warmup and step % self.config.mask_interval == 0:
                 self._prune_to(self.budget_at(step))
             return
-        if self.num_updates == 0:
+        if self.num_updates == 0 and self.num_alive > self.target_budget:
             warnings.warn(
                 f"Adaptive rank allocation of adapter {self.adapter_name!r} reached its final budget at step {step} "
                 "without a single importance update: the ranks kept are arbitrary. Call update_and_allocate(step) "
@@ -211,9 +211,9 @@ class RankAllocator:
             sensitivity = torch._foreach_mul(params, grads)
             torch._foreach_abs_(sensitivity)
             torch._foreach_lerp_(ipt_rows, sensitivity, 1.0 - self.config.beta1)
-            uncertainty = torch._foreach_sub(sensitivity, ipt_rows)
-            torch._foreach_abs_(uncertainty)
-            torch._foreach_lerp_(unc_rows, uncertainty, 1.0 - self.config.beta2)
+            torch._foreach_sub_(sensitivity, ipt_rows)  # reuse the buffer: |I − Ī| is the uncertainty sample
+            torch._foreach_abs_(sensitivity)
+            torch._foreach_lerp_(unc_rows, sensitivity, 1.0 - self.config.beta2)
         self.num_updates += 1
 
     def _prune_to(self, budget: int) -> None:
@@ -322,4 +322,36 @@ def _warn_if_allocation_never_ran(layers: dict[str, LRALayer], config: LRAConfig
             f"{config.target_r * len(adapted)}). Call model.update_and_allocate(step) after every optimizer.step(), "
             "or pass callbacks=[lra_peft.LRARankCallback()] to transformers.Trainer.",
             stacklevel=2,
+        )
+
+
+def check_not_loading_cut_into_full_rank(
+    modules: dict[str, nn.Module], config: LRAConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+) -> None:
+    """Raise a clear ValueError when a checkpoint cut by allocation is loaded into an existing full-rank adapter.
+
+    That is what `Trainer(resume_from_checkpoint=...)` does; the kept triplets' original positions (which the
+    optimizer state refers to) are not in the checkpoint, so such a run cannot be resumed exactly.
+    """
+    if config.target_r is None:
+        return
+    pattern = re.compile(rf"^(.*)\.lra_lambda\.{re.escape(adapter_name)}$")
+    shorter = []
+    for key, tensor in state_dict.items():
+        match = pattern.match(key)
+        if not match:
+            continue
+        layer = modules.get(match.group(1), modules.get(match.group(1).removeprefix(_PEFT_PREFIX)))
+        if isinstance(layer, LRALayer) and adapter_name in layer.lra_lambda and tensor.dim() == 1 \
+                and tensor.numel() < layer.lra_lambda[adapter_name].numel():
+            shorter.append(f"{match.group(1).removeprefix(_PEFT_PREFIX)}: rank {tensor.numel()} in the checkpoint, "
+                           f"{layer.lra_lambda[adapter_name].numel()} in the model")
+    if shorter:
+        raise ValueError(
+            f"This checkpoint of adapter {adapter_name!r} was cut to the ranks chosen by adaptive rank allocation "
+            f"({'; '.join(shorter[:3])}{' ...' if len(shorter) > 3 else ''}), and cannot be loaded into the "
+            f"existing full-rank adapter {adapter_name!r}. Resuming a run with adaptive rank allocation from a "
+            "checkpoint (Trainer(resume_from_checkpoint=...)) is not supported. To keep training the allocated "
+            "adapter, load it into a fresh base model: PeftModel.from_pretrained(base, path, is_trainable=True). "
+            "Nothing was loaded."
         )

@@ -24,7 +24,7 @@ from peft.utils.quantization_utils import ForwardOnlyQuantizationBackend
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .allocation import RankAllocator, cut_adapter_state_dict
+from .allocation import RankAllocator, check_not_loading_cut_into_full_rank, cut_adapter_state_dict
 from .config import LRAConfig
 from .layer import Conv2d, Embedding, Linear, LRALayer
 from .regularization import orthogonal_loss
@@ -288,6 +288,7 @@ class LRAModel(BaseTuner):
     ) -> dict[str, torch.Tensor]:
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         modules = dict(model.named_modules())
+        check_not_loading_cut_into_full_rank(modules, config, adapter_name, remapped)
         pattern = re.compile(rf"^(.*)\.(lra_U0|lra_lambda0|lra_V0)\.{re.escape(adapter_name)}$")
         for key, tensor in remapped.items():
             match = pattern.match(key)

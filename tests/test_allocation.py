@@ -166,6 +166,11 @@ def test_errors_and_warnings_for_bad_usage() -> None:
     with pytest.raises(ValueError, match="allocation is off.*target_r"):
         off.update_and_allocate(1)
 
+    late = get_peft_model(make_bert_seq_cls(), _config())
+    with pytest.warns(UserWarning, match="final budget at step 24 without a single importance update"):
+        _train(late, _optimizer(late), 1, start=24)
+    assert sum(late.allocated_ranks().values()) == 33
+
     model = get_peft_model(make_bert_seq_cls(), _config())
     _train(model, _optimizer(model), 30)
     ranks = model.allocated_ranks()
@@ -259,6 +264,25 @@ def test_mid_training_save_is_exact(tmp_path: Path) -> None:
     x, _ = _batch(1)
     loaded = PeftModel.from_pretrained(make_bert_seq_cls(), tmp_path)
     assert rel_err(_logits(loaded, x), _logits(model, x)) < 1e-6
+
+
+def test_loading_a_cut_checkpoint_into_the_full_rank_adapter_is_a_clear_error(tmp_path: Path) -> None:
+    # What Trainer(resume_from_checkpoint=...) does: load_adapter into the run's own, still full-rank, adapter.
+    model = get_peft_model(make_bert_seq_cls(), _config())
+    _train(model, _optimizer(model), 30)
+    model.save_pretrained(tmp_path)
+    fresh_run = get_peft_model(make_bert_seq_cls(), _config())
+    before = {n: lam.detach().clone() for n, lam in _lambdas(fresh_run).items()}
+    with pytest.raises(ValueError, match="cut to the ranks chosen by adaptive rank allocation.*is_trainable=True"):
+        fresh_run.load_adapter(tmp_path, "default", is_trainable=True)
+    assert all(torch.equal(lam, before[n]) for n, lam in _lambdas(fresh_run).items()), "nothing was loaded"
+    # The supported way: a fresh base model takes the cut shapes from rank_pattern, and can train on.
+    resumed = PeftModel.from_pretrained(make_bert_seq_cls(), tmp_path, is_trainable=True)
+    assert resumed.allocated_ranks() == model.allocated_ranks()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # already at its target: nothing to warn about
+        _train(resumed, _optimizer(resumed), 2, start=29)
+    assert resumed.allocated_ranks() == model.allocated_ranks()
 
 
 def test_embedding_conv2d_linear_layers(tmp_path: Path, mlp_inputs: dict) -> None:
