@@ -13,6 +13,7 @@ from .hub import install_peft_model_hooks as _install_peft_model_hooks
 from .hub import push_to_hub
 from .layer import Conv2d, Embedding, Linear, LRALayer
 from .model import LRAModel
+from .quantization import quantized_load, restore_quantized_residual
 from .regularization import orthogonal_loss
 from .report import LayerRank, RankReport, rank_report
 
@@ -39,5 +40,7 @@ __all__ = [
     "export_merged",
     "orthogonal_loss",
     "push_to_hub",
+    "quantized_load",
     "rank_report",
+    "restore_quantized_residual",
 ]
