@@ -16,13 +16,17 @@ from .model import LRAModel
 from .quantization import quantized_load, restore_quantized_residual
 from .regularization import orthogonal_loss
 from .report import LayerRank, RankReport, rank_report
+from .safety import AdapterFileError
+from .safety import install_safety_hooks as _install_safety_hooks
 
 _register()
 _install_peft_model_hooks()
+_install_safety_hooks()
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterFileError",
     "CompressionReport",
     "Conv2d",
     "Embedding",

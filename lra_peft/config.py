@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 from dataclasses import dataclass, field
@@ -20,7 +21,12 @@ def _is_int(value: object) -> bool:
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    # NaN and Inf are never a valid setting: they would silently turn every output into NaN.
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_str_list(value: object) -> bool:
+    return isinstance(value, (list, tuple, set)) and all(isinstance(v, str) for v in value)
 
 
 @dataclass
@@ -111,6 +117,10 @@ class LRAConfig(PeftConfig):
             self.exclude_modules = set(self.exclude_modules)
         if self.lra_alpha is None and _is_number(self.r):
             self.lra_alpha = self.r
+        for name in ("rank_pattern", "alpha_pattern"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), dict):
+                raise ValueError(f"LRAConfig.{name}={getattr(self, name)!r} is invalid: use a dict mapping module names "
+                                 "(or regexes) to values.")
         self.rank_pattern = dict(self.rank_pattern or {})
         self.alpha_pattern = dict(self.alpha_pattern or {})
         self.validate()
@@ -151,6 +161,16 @@ class LRAConfig(PeftConfig):
                 isinstance(value, set) and all(isinstance(v, str) for v in value)
             ):
                 raise bad(name, "use None, a regex string, 'all-linear', or a list of module names")
+        if self.modules_to_save is not None and not _is_str_list(self.modules_to_save):
+            raise bad("modules_to_save", "use None or a list of module names, e.g. ['classifier']")
+        if self.layers_pattern is not None and not (isinstance(self.layers_pattern, str) or _is_str_list(
+                self.layers_pattern)):
+            raise bad("layers_pattern", "use None, a module-list name such as 'layers', or a list of them")
+        if not isinstance(self.inference_mode, bool):
+            raise bad("inference_mode", "use True or False")
+        for name in ("base_model_name_or_path", "revision"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise bad(name, "use None or a string")
         if self.layers_pattern and self.layers_to_transform is None:
             raise bad("layers_pattern", "it needs layers_to_transform as well")
         if self.layers_to_transform is not None:

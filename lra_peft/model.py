@@ -282,6 +282,45 @@ class LRAModel(BaseTuner):
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
 
+    @staticmethod
+    def _check_checkpoint_factors(
+        modules: dict[str, nn.Module], config: LRAConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> None:
+        """Raise a ValueError naming each layer whose checkpoint factors do not fit the model or are not finite."""
+        pattern = re.compile(rf"^(.*)\.(lra_U0|lra_lambda0|lra_V0|lra_U|lra_lambda|lra_V)\.{re.escape(adapter_name)}$")
+        wrong_shape, not_finite = [], []
+        for key, tensor in state_dict.items():
+            match = pattern.match(key)
+            if not match:
+                continue
+            name, factor = match.group(1), match.group(2)
+            layer = modules.get(name, modules.get(name.removeprefix("base_model.model.")))
+            if not isinstance(layer, LRALayer) or adapter_name not in getattr(layer, factor):
+                continue
+            short = name.removeprefix("base_model.model.")
+            expected, found = tuple(getattr(layer, factor)[adapter_name].shape), tuple(tensor.shape)
+            # ΔW₀'s rank is the checkpoint's own (see below); only its out/in sizes must match.
+            fits = found[:-1] == expected[:-1] if factor in ("lra_U0", "lra_V0") else found == expected
+            if factor == "lra_lambda0":
+                fits = tensor.dim() == 1
+            if not fits:
+                wrong_shape.append(f"{short}.{factor}: {found} in the checkpoint, {expected} in the model")
+            elif tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                not_finite.append(f"{short}.{factor}")
+        if wrong_shape:
+            more = f" (and {len(wrong_shape) - 5} more)" if len(wrong_shape) > 5 else ""
+            raise ValueError(
+                f"The LRA adapter {adapter_name!r} does not fit this model: {'; '.join(wrong_shape[:5])}{more}. It was "
+                f"saved from a model with other layer sizes (base_model_name_or_path="
+                f"{config.base_model_name_or_path!r}) or its adapter_config.json was edited; load it onto the base "
+                "model it was trained on. Nothing was loaded."
+            )
+        if not_finite:
+            raise ValueError(
+                f"The LRA adapter {adapter_name!r} holds NaN or Inf values in {', '.join(not_finite[:5])}; it is broken "
+                "(often saved from a diverged training run). Nothing was loaded."
+            )
+
     @classmethod
     def _remap_adapter_state_dict_for_load(
         cls, model: nn.Module, config: LRAConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
@@ -289,6 +328,8 @@ class LRAModel(BaseTuner):
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         modules = dict(model.named_modules())
         check_not_loading_cut_into_full_rank(modules, config, adapter_name, remapped)
+        # Check before anything below, or load_state_dict (which copies what fits, then reports the rest), changes it.
+        cls._check_checkpoint_factors(modules, config, adapter_name, remapped)
         pattern = re.compile(rf"^(.*)\.(lra_U0|lra_lambda0|lra_V0)\.{re.escape(adapter_name)}$")
         for key, tensor in remapped.items():
             match = pattern.match(key)

@@ -204,16 +204,13 @@ def snapshot_from_dir(adapter_dir: Union[str, os.PathLike]) -> AdapterSnapshot:
             f"peft_type={peft_type!r}); this works on adapters saved from an LRA model"
         )
     config = LRAConfig.from_pretrained(str(path))
-    weights_file = path / SAFETENSORS_NAME
-    if weights_file.is_file():
-        from safetensors.torch import load_file
+    from .safety import find_weights_file, load_weights_file
 
-        state = load_file(str(weights_file))
-    elif (path / BIN_NAME).is_file():
-        weights_file = path / BIN_NAME
-        state = torch.load(weights_file, map_location="cpu", weights_only=True)
-    else:
+    weights_file = find_weights_file(path)
+    if weights_file is None:
         raise FileNotFoundError(f"{str(path)!r} has {ADAPTER_CONFIG_NAME} but no {SAFETENSORS_NAME}")
+    # Safetensors only, with a clear error for a damaged file; a pickle .bin needs LRA_PEFT_ALLOW_BIN=1.
+    state = load_weights_file(weights_file)
     layers, extra = _split_state_dict(state, str(path))
     for layer in layers.values():
         layer.scaling = layer_scaling(config, layer.name)

@@ -1,0 +1,450 @@
+"""Safe loading and saving of adapters: clear errors, no pickle by default, nothing left half-changed.
+
+`import lra_peft` wraps a few of PEFT's entry points (once; see `install_safety_hooks`):
+
+* `PeftConfig.from_json_file` (every PEFT method): a malformed `adapter_config.json` raises an `AdapterFileError`
+  naming the file instead of a bare `json.JSONDecodeError` (both are `ValueError`s).
+* `PeftModel.from_pretrained` / `PeftModel.load_adapter`: a local folder without `adapter_config.json` is named as
+  such. For LRA adapters also:
+
+  - weights are read from `adapter_model.safetensors`; an `adapter_model.bin` (pickle) is refused unless the
+    environment sets `LRA_PEFT_ALLOW_BIN=1`, and is then read with `torch.load(weights_only=True)`;
+  - a truncated or corrupted safetensors file raises an `AdapterFileError` naming it, before the model is touched;
+  - any failure (a file error, shapes that do not fit, see `LRAModel._remap_adapter_state_dict_for_load`, even a
+    `KeyboardInterrupt`) puts the model back as it was: no LRA layer, `ModulesToSaveWrapper`, `peft_config`
+    attribute or `requires_grad` change is left behind, and an adapter being re-loaded keeps its old values.
+
+* `PeftModel.save_pretrained` of a model with an LRA adapter writes into a hidden temporary folder next to the
+  target and then renames the files into place (weights before `adapter_config.json`, the model card last). A crash
+  or kill during the write leaves the previous adapter in the target folder intact; a brand-new folder appears
+  whole or not at all. A killed process can leave a hidden `.<name>.tmp-*` folder behind, which is safe to delete.
+
+Models and adapters of other PEFT methods keep PEFT's behaviour, except for the clearer config-file errors.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+ALLOW_BIN_ENV = "LRA_PEFT_ALLOW_BIN"
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+
+# True while PeftModel.from_pretrained / load_adapter handles an LRA adapter (read by the torch.load guard).
+_LRA_LOAD: contextvars.ContextVar[bool] = contextvars.ContextVar("lra_peft_lra_load", default=False)
+# True inside a guarded load, so that PeftModel.from_pretrained's own call of load_adapter is not guarded twice.
+_GUARDED: contextvars.ContextVar[bool] = contextvars.ContextVar("lra_peft_guarded", default=False)
+
+
+class AdapterFileError(ValueError):
+    """An adapter file that cannot be used: malformed, truncated, corrupted, or a pickle file not opted into."""
+
+
+def bin_allowed() -> bool:
+    """True when the user opted into reading pickle (`adapter_model.bin`) adapters with `LRA_PEFT_ALLOW_BIN=1`."""
+    return os.environ.get(ALLOW_BIN_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def _bin_refused(path: Union[str, os.PathLike]) -> AdapterFileError:
+    return AdapterFileError(
+        f"{path} is a pickle file, which can run arbitrary code when read, so lra-peft does not load it. Re-save the "
+        f"adapter with safetensors (PeftModel.save_pretrained does by default), or, if you trust the file, set the "
+        f"environment variable {ALLOW_BIN_ENV}=1 to read it with torch.load(weights_only=True)."
+    )
+
+
+# ------------------------------------------------------------------------------------------------- reading files
+def read_config_file(path: Union[str, os.PathLike]) -> dict:
+    """The JSON object in `path`, or an `AdapterFileError` naming the file and what is wrong with it."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterFileError(
+            f"{path} is not valid JSON ({exc}); the adapter folder is damaged (e.g. an interrupted save or download) "
+            "or was not written by PeftModel.save_pretrained. Save or download the adapter again."
+        ) from None
+    if not isinstance(data, dict):
+        raise AdapterFileError(f"{path} holds a JSON {type(data).__name__}, not an object of adapter settings; save "
+                               "or download the adapter again")
+    return data
+
+
+def check_safetensors_file(path: Union[str, os.PathLike]) -> list[str]:
+    """Check that `path` is a complete safetensors file (header only, cheap); return its tensor names."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return list(handle.keys())
+    except Exception as exc:  # noqa: BLE001 - SafetensorError and OSError alike mean "cannot be read"
+        raise AdapterFileError(
+            f"{path} cannot be read as safetensors ({exc}): the file is truncated (an interrupted save or download) "
+            "or corrupted. Save or download the adapter again."
+        ) from None
+
+
+def load_weights_file(path: Union[str, os.PathLike], device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of an adapter weights file: safetensors, or a `.bin` only with `LRA_PEFT_ALLOW_BIN=1`."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        check_safetensors_file(path)
+        try:
+            return load_file(str(path), device=device)
+        except Exception as exc:  # noqa: BLE001
+            raise AdapterFileError(f"{path} cannot be read as safetensors ({exc}); save or download the adapter "
+                                   "again") from None
+    if not bin_allowed():
+        raise _bin_refused(path)
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def find_weights_file(folder: Union[str, os.PathLike]) -> Optional[Path]:
+    """The adapter weights file of a local adapter folder (safetensors preferred), or None."""
+    folder = Path(folder)
+    for name in (SAFETENSORS_NAME, BIN_NAME):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _local_folder(model_id: Any, subfolder: Optional[str]) -> Optional[Path]:
+    if not isinstance(model_id, (str, os.PathLike)):
+        return None
+    path = Path(model_id).expanduser() / (subfolder or "")
+    return path if path.is_dir() else None
+
+
+def _check_local_adapter(folder: Path) -> dict:
+    """adapter_config.json of a local adapter folder, with clear errors for a missing or malformed file."""
+    config_file = folder / CONFIG_NAME
+    if not config_file.is_file():
+        present = sorted(p.name for p in folder.iterdir())[:10]
+        raise FileNotFoundError(
+            f"{config_file} does not exist, so {folder} is not a saved PEFT adapter (it holds: "
+            f"{', '.join(present) or 'nothing'}). Pass the folder that PeftModel.save_pretrained wrote."
+        )
+    return read_config_file(config_file)
+
+
+def _check_local_lra_weights(folder: Path) -> None:
+    """Refuse a pickle-only or damaged LRA adapter folder before anything is changed."""
+    weights = find_weights_file(folder)
+    if weights is None:
+        raise FileNotFoundError(f"{folder} has {CONFIG_NAME} but no {SAFETENSORS_NAME}; save the adapter again")
+    if weights.name == BIN_NAME and not bin_allowed():
+        raise _bin_refused(weights)
+    if weights.name == SAFETENSORS_NAME:
+        check_safetensors_file(weights)
+
+
+def _is_lra_type(peft_type: Any) -> bool:
+    from ._registration import LRA_PEFT_TYPE_NAME
+
+    return str(getattr(peft_type, "value", peft_type)) == LRA_PEFT_TYPE_NAME
+
+
+def _peek_is_lra(model_id: Any, hub_kwargs: dict) -> bool:
+    """Whether `model_id` holds an LRA adapter; local folders get their config checked on the way."""
+    folder = _local_folder(model_id, hub_kwargs.get("subfolder"))
+    if folder is not None:
+        return _is_lra_type(_check_local_adapter(folder).get("peft_type"))
+    from peft import PeftConfig
+
+    try:
+        return _is_lra_type(PeftConfig._get_peft_type(model_id, **hub_kwargs))
+    except Exception:  # noqa: BLE001 - PEFT's own call right after reports why the config is unavailable
+        return False
+
+
+# --------------------------------------------------------------------------------------------- undoing a load
+def _is_container(value: Any) -> bool:
+    return type(value) in (dict, OrderedDict, list, set)
+
+
+class RestorePoint:
+    """A shallow record of a model, enough to undo what PEFT does to it while injecting and loading an adapter.
+
+    Recorded per module: its attributes (children, parameters, buffers, hooks, adapter dicts, flags) and the contents
+    of those that are dicts, lists or sets; per parameter `requires_grad`; the model config's attributes. Tensor
+    values are not copied (the model may be large), except those of `adapter_name`, if given, because re-loading an
+    existing adapter writes into its tensors in place.
+    """
+
+    def __init__(self, model: nn.Module, adapter_name: Optional[str] = None) -> None:
+        self._records = []
+        for module in model.modules():
+            attrs = dict(module.__dict__)
+            contents = {k: (v.copy() if not isinstance(v, list) else list(v)) for k, v in attrs.items()
+                        if _is_container(v)}
+            self._records.append((module, attrs, contents))
+        self._requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+        config = getattr(model, "config", None)
+        self._config = (config, dict(vars(config))) if hasattr(config, "__dict__") and not isinstance(
+            config, nn.Module) else None
+        self._values: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if adapter_name is not None:
+            marker = f".{adapter_name}."
+            for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+                if marker in f".{name}.":
+                    self._values.append((tensor, tensor.detach().clone()))
+
+    def restore(self) -> None:
+        for module, attrs, contents in self._records:
+            current = module.__dict__
+            for key in [k for k in current if k not in attrs]:
+                del current[key]
+            for key, value in attrs.items():
+                if current.get(key, _MISSING) is not value:
+                    current[key] = value
+            for key, saved in contents.items():
+                container = attrs[key]
+                if isinstance(container, list):
+                    container[:] = saved
+                else:
+                    container.clear()
+                    container.update(saved)
+        for param, flag in self._requires_grad:
+            param.requires_grad_(flag)
+        if self._config is not None:
+            config, attrs = self._config
+            for key in [k for k in vars(config) if k not in attrs]:
+                delattr(config, key)
+            for key, value in attrs.items():
+                config.__dict__[key] = value
+        with torch.no_grad():
+            for tensor, saved in self._values:
+                tensor.copy_(saved)
+
+
+_MISSING = object()
+
+
+@contextmanager
+def restore_on_error(model: nn.Module, adapter_name: Optional[str] = None) -> Iterator[None]:
+    """Run the block; if it raises (anything, also KeyboardInterrupt), put `model` back as it was, then re-raise."""
+    point = RestorePoint(model, adapter_name)
+    try:
+        yield
+    except BaseException:
+        point.restore()
+        raise
+
+
+@contextmanager
+def _lra_load_context(is_lra: bool) -> Iterator[None]:
+    guarded, lra = _GUARDED.set(True), _LRA_LOAD.set(is_lra)
+    try:
+        yield
+    finally:
+        _LRA_LOAD.reset(lra)
+        _GUARDED.reset(guarded)
+
+
+def _explain_read_error(exc: BaseException, model_id: Any) -> Optional[AdapterFileError]:
+    """A safetensors read error deep inside PEFT (e.g. a corrupt file from the Hub), as an AdapterFileError."""
+    if type(exc).__name__ == "SafetensorError":
+        return AdapterFileError(
+            f"the adapter weights of {model_id} cannot be read as safetensors ({exc}): the file is truncated or "
+            "corrupted. Save or download the adapter again; the model was left unchanged."
+        )
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------- saving
+def _has_lra_adapter(model: Any) -> bool:
+    from .config import LRAConfig
+
+    configs = getattr(model, "peft_config", None) or {}
+    return isinstance(configs, dict) and any(isinstance(c, LRAConfig) for c in configs.values())
+
+
+def _commit_rank(path: Path) -> int:
+    # adapter_config.json is what makes a folder an adapter: it goes after the weights, the card describing both last.
+    return {CONFIG_NAME: 1, "README.md": 2}.get(path.name, 0)
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # not every file system supports fsync (of folders)
+    finally:
+        os.close(fd)
+
+
+def _move_tree(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for item in sorted(src.iterdir(), key=lambda p: (_commit_rank(p), p.name)):
+        target = dst / item.name
+        if item.is_dir() and target.is_dir():
+            _move_tree(item, target)
+        else:
+            os.replace(item, target)
+    _fsync(dst)
+
+
+def commit_folder(tmp: Path, final: Path) -> None:
+    """Move the files of the filled folder `tmp` into `final` by renames (each file replaced atomically)."""
+    for path in tmp.rglob("*"):
+        if path.is_file():
+            _fsync(path)  # the data is on disk before a rename makes it visible
+    if not final.exists():
+        try:
+            os.replace(tmp, final)  # a new folder appears whole
+            _fsync(final.parent)
+            return
+        except OSError:
+            pass  # created meanwhile by someone else: merge file by file
+    _move_tree(tmp, final)
+
+
+@contextmanager
+def atomic_save_dir(save_directory: Union[str, os.PathLike]) -> Iterator[Path]:
+    """Yield a hidden temporary folder next to `save_directory`; on success its files are renamed into place."""
+    final = Path(save_directory).expanduser()
+    if final.is_file():
+        raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
+    # The temporary folder must be on the same file system as the target, for the renames to be atomic.
+    final = final.resolve() if final.exists() else final.absolute()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        commit_folder(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------ PEFT hooks
+def install_safety_hooks() -> None:
+    """Install the guards described in the module docstring (idempotent)."""
+    import peft.utils.save_and_load as save_and_load
+    from peft import PeftConfig, PeftModel
+
+    if getattr(PeftModel, "_lra_peft_safety_hooks", False):
+        return
+
+    # Patched where PEFT defines it (PeftConfigMixin), so every config class and PeftConfig itself see it.
+    json_owner = next(c for c in PeftConfig.__mro__ if "from_json_file" in c.__dict__)
+    original_json = json_owner.__dict__["from_json_file"].__func__
+
+    @functools.wraps(original_json)
+    def from_json_file(cls, path_json_file: str, **kwargs: Any) -> dict:
+        read_config_file(path_json_file)  # a clear error for a malformed file; PEFT's own checks follow
+        return original_json(cls, path_json_file, **kwargs)
+
+    original_torch_load = save_and_load.torch_load
+
+    @functools.wraps(original_torch_load)
+    def torch_load(*args: Any, **kwargs: Any) -> Any:
+        if _LRA_LOAD.get():
+            if not bin_allowed():
+                raise _bin_refused(args[0] if args else kwargs.get("f", BIN_NAME))
+            kwargs["weights_only"] = True
+        return original_torch_load(*args, **kwargs)
+
+    original_from_pretrained = PeftModel.from_pretrained.__func__
+    from_pretrained_sig = inspect.signature(original_from_pretrained)
+
+    @functools.wraps(original_from_pretrained)
+    def from_pretrained(cls, model: nn.Module, model_id: Any, *args: Any, **kwargs: Any) -> Any:
+        if _GUARDED.get():
+            return original_from_pretrained(cls, model, model_id, *args, **kwargs)
+        bound = from_pretrained_sig.bind(cls, model, model_id, *args, **kwargs).arguments
+        hub_kwargs = {k: v for k, v in bound.get("kwargs", {}).items()
+                      if k in ("subfolder", "revision", "cache_dir", "token")}
+        config = bound.get("config")
+        is_lra = _is_lra_type(config.peft_type) if config is not None else _peek_is_lra(model_id, hub_kwargs)
+        if not is_lra:
+            return original_from_pretrained(cls, model, model_id, *args, **kwargs)
+        folder = _local_folder(model_id, hub_kwargs.get("subfolder"))
+        if folder is not None:
+            _check_local_lra_weights(folder)
+        with _lra_load_context(True):
+            try:
+                with restore_on_error(model):
+                    return original_from_pretrained(cls, model, model_id, *args, **kwargs)
+            except Exception as exc:
+                clear = _explain_read_error(exc, model_id)
+                if clear is None:
+                    raise
+                raise clear from exc
+
+    original_load_adapter = PeftModel.load_adapter
+
+    @functools.wraps(original_load_adapter)
+    def load_adapter(self, model_id: Any, adapter_name: str, *args: Any, **kwargs: Any) -> Any:
+        if _GUARDED.get():
+            return original_load_adapter(self, model_id, adapter_name, *args, **kwargs)
+        hub_kwargs = {k: v for k, v in kwargs.items() if k in ("subfolder", "revision", "cache_dir", "token")}
+        existing = self.peft_config.get(adapter_name)
+        is_lra = _is_lra_type(existing.peft_type) if existing is not None else _peek_is_lra(model_id, hub_kwargs)
+        if not is_lra:
+            return original_load_adapter(self, model_id, adapter_name, *args, **kwargs)
+        folder = _local_folder(model_id, hub_kwargs.get("subfolder"))
+        if folder is not None:
+            _check_local_lra_weights(folder)
+        with _lra_load_context(True):
+            try:
+                with restore_on_error(self, adapter_name if existing is not None else None):
+                    return original_load_adapter(self, model_id, adapter_name, *args, **kwargs)
+            except Exception as exc:
+                clear = _explain_read_error(exc, model_id)
+                if clear is None:
+                    raise
+                raise clear from exc
+
+    original_save = PeftModel.save_pretrained
+    save_sig = inspect.signature(original_save)
+
+    @functools.wraps(original_save)
+    def save_pretrained(self, save_directory: str, *args: Any, **kwargs: Any) -> None:
+        arguments = save_sig.bind(self, save_directory, *args, **kwargs).arguments
+        if not _has_lra_adapter(self) or not arguments.get("is_main_process", True):
+            return original_save(self, save_directory, *args, **kwargs)
+        if arguments.get("safe_serialization", True) is False:
+            warnings.warn(
+                f"safe_serialization=False writes the LRA adapter as a pickle file ({BIN_NAME}), which lra-peft only "
+                f"loads with {ALLOW_BIN_ENV}=1; keep the default (safetensors) unless a tool needs the .bin file.",
+                stacklevel=2,
+            )
+        final = Path(save_directory).expanduser()
+        with atomic_save_dir(final) as tmp:
+            readme = final / "README.md"
+            if readme.is_file():
+                shutil.copy2(readme, tmp / "README.md")  # PEFT and lra_peft.hub update a user's card, not replace it
+            original_save(self, str(tmp), *args, **kwargs)
+        # lra_peft.hub remembers where the model was saved (to find metrics.json): the final folder, not the temporary.
+        if self.__dict__.get("_lra_saved_dir") == str(tmp):
+            self.__dict__["_lra_saved_dir"] = str(final)
+
+    json_owner.from_json_file = classmethod(from_json_file)
+    save_and_load.torch_load = torch_load
+    PeftModel.from_pretrained = classmethod(from_pretrained)
+    PeftModel.load_adapter = load_adapter
+    PeftModel.save_pretrained = save_pretrained
+    PeftModel._lra_peft_safety_hooks = True
