@@ -97,7 +97,8 @@ def _export_lora(args: argparse.Namespace) -> int:
 
     out = export_lora(args.adapter_dir, args.out_dir, base=args.base)
     with safe_open(str(out / "adapter_model.safetensors"), "pt") as handle:
-        ranks = [handle.get_slice(k).get_shape()[0] for k in handle.keys() if k.endswith(("lora_A.weight", "lora_embedding_A"))]
+        keys = [k for k in handle.keys() if k.endswith(("lora_A.weight", "lora_embedding_A"))]
+        ranks = [handle.get_slice(k).get_shape()[0] for k in keys]
     print(f"wrote LoRA adapter to {out} ({len(ranks)} layers, LoRA rank {min(ranks)}-{max(ranks)}); load it with "
           "peft.PeftModel.from_pretrained(base_model, path), no lra-peft needed")
     return 0

@@ -363,7 +363,9 @@ class CompressionReport:
         return "\n".join(lines)
 
 
-def compress(model_or_adapter_dir: ModelOrDir, out_dir: PathLike, r: int, *, adapter_name: str = "default") -> CompressionReport:
+def compress(
+    model_or_adapter_dir: ModelOrDir, out_dir: PathLike, r: int, *, adapter_name: str = "default"
+) -> CompressionReport:
     """Re-factor every layer's learned ΔW (relative to the original base) to its best rank-`r` approximation.
 
     The truncated SVD is optimal (Eckart–Young): no rank-r adapter is closer to ΔW in Frobenius norm. The output is

@@ -92,7 +92,8 @@ def card_section(
     task_name, _, auto_class = TASKS.get(task_type, (None, None, "AutoPeftModel"))
     ranks = [layer.rank() for layer in snapshot.layers.values()]
     modules = sorted({name.rsplit(".", 1)[-1] for name in snapshot.layers})
-    init = config.init_weights if isinstance(config.init_weights, str) else ("zero ΔW" if config.init_weights else "random")
+    init = config.init_weights
+    init = init if isinstance(init, str) else ("zero" if init else "random")
     base_link = f"[`{base}`](https://huggingface.co/{base})" if _hub_id(base) else f"`{base}`"
     parts = []
     if metrics and isinstance(metrics.get("task"), str):
@@ -120,8 +121,10 @@ def card_section(
         f"| rank per layer (non-zero λ) | mean {sum(ranks) / len(ranks):.2f}, min {min(ranks)}, max {max(ranks)} |",
         f"| trainable parameters | {snapshot.num_trainable():,} |",
     ]
-    if config.modules_to_save:
-        lines.append(f"| also trained | {', '.join(f'`{m}`' for m in sorted(config.modules_to_save))} |")
+    # PEFT lists default heads (classifier, score) whether or not the model has them: name those that were saved.
+    saved = sorted({m for m in config.modules_to_save or [] if any(f".{m}." in f".{k}" for k in snapshot.extra)})
+    if saved:
+        lines.append(f"| also trained | {', '.join(f'`{m}`' for m in saved)} |")
     lines.append("")
     rows = _metric_rows(metrics or {})
     if rows:
@@ -194,7 +197,8 @@ def build_card(
         card = ModelCard(existing, ignore_metadata_errors=True)
         card.text = _upsert_section(card.text, section)
     else:
-        title = repo_id.split("/")[-1] if repo_id else f"LRA adapter for {snapshot.base_model_name_or_path or 'a model'}"
+        base = snapshot.base_model_name_or_path or "a model"
+        title = repo_id.split("/")[-1] if repo_id else f"LRA adapter for {base}"
         card = ModelCard(f"---\n{ModelCardData(library_name='peft').to_yaml()}\n---\n\n# {title}\n\n{section}\n")
     data = card.data
     data.library_name = "peft"
@@ -252,7 +256,7 @@ def lora_export_card(snapshot: AdapterSnapshot, ranks: dict[str, int]) -> str:
             f"A standard PEFT LoRA adapter, converted exactly from an LRA adapter (lra-peft, init_weights={init!r}) "
             f"by `lra-peft export-lora`: ΔW = B · A with B = s · U · diag(λ), A = Vᵀ and LoRA scale 1.{residual}",
             "",
-            f"Rank per layer: {min(ranks.values())}–{max(ranks.values())}. Load it with stock PEFT, no lra-peft needed:",
+            f"Rank per layer: {min(ranks.values())}–{max(ranks.values())}. Stock PEFT loads it (no lra-peft needed):",
             "",
             "```python",
             "from peft import PeftModel",
@@ -383,7 +387,7 @@ def install_peft_model_hooks() -> None:
             metrics = read_metrics(_metrics_dirs(self, adapter, output_dir))
             write_card(output_dir, snapshot_from_model(self, adapter), metrics=metrics)
         except Exception as exc:  # noqa: BLE001 - a card must never make saving the adapter fail
-            warnings.warn(f"lra-peft could not write its model card ({exc}); PEFT's card is used instead.", stacklevel=2)
+            warnings.warn(f"lra-peft could not write its model card ({exc}); using PEFT's card.", stacklevel=2)
             if not readme.exists():
                 original_card(self, output_dir)
 

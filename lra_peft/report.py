@@ -193,7 +193,8 @@ def plot_rank_report(report: RankReport, path: Union[str, os.PathLike]) -> Path:
     fig = Figure(figsize=(max(8.0, 4 + 0.9 * len(modules)), max(4.0, 1.5 + 0.3 * len(indices))))
     FigureCanvasAgg(fig)
     heat, curves = fig.subplots(1, 2, gridspec_kw={"width_ratios": [max(len(modules), 2), 3]})
-    image = heat.imshow(grid.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=max(max(lr.r for lr in layers), 1))
+    vmax = max(max(lr.r for lr in layers), 1)
+    image = heat.imshow(grid.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
     heat.set_xticks(range(len(modules)), modules, rotation=45, ha="right", fontsize=8)
     heat.set_yticks(range(len(indices)), ["-" if i is None else str(i) for i in indices], fontsize=8)
     heat.set_xlabel("module")
@@ -202,7 +203,8 @@ def plot_rank_report(report: RankReport, path: Union[str, os.PathLike]) -> Path:
     if grid.numel() <= 400:
         for (row, col), value in _ndenumerate(grid):
             if value == value:  # skip NaN (module absent in that block)
-                heat.text(col, row, str(int(value)), ha="center", va="center", color="w", fontsize=7)
+                color = "black" if value > vmax / 2 else "white"  # readable on viridis' bright and dark ends
+                heat.text(col, row, str(int(value)), ha="center", va="center", color=color, fontsize=7)
     fig.colorbar(image, ax=heat, label="non-zero λ")
 
     positive = [v for layer in layers for v in layer.lambda_abs if v > 0]

@@ -33,7 +33,9 @@ SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
 METRICS_NAME = "metrics.json"
 KEY_PREFIX = "base_model.model."
-_FACTOR_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<factor>lra_U0|lra_lambda0|lra_V0|lra_U|lra_lambda|lra_V)$")
+_FACTOR_KEY = re.compile(
+    r"^base_model\.model\.(?P<module>.+)\.(?P<factor>lra_U0|lra_lambda0|lra_V0|lra_U|lra_lambda|lra_V)$"
+)
 
 # PEFT task types -> the transformers Auto class that AutoPeftModelFor<task> loads the base with.
 TASK_TO_AUTO_CLASS = {
@@ -145,7 +147,8 @@ class AdapterSnapshot:
 
     def num_trainable(self) -> int:
         """U, λ, V of every layer plus the other saved trainable tensors (modules_to_save, trained biases)."""
-        return sum(layer.num_trainable() for layer in self.layers.values()) + sum(t.numel() for t in self.extra.values())
+        factors = sum(layer.num_trainable() for layer in self.layers.values())
+        return factors + sum(t.numel() for t in self.extra.values())
 
     def resolve_kinds(self, base: Optional[ModelOrDir] = None) -> bool:
         """Fill in each layer's base module kind from `base` (a model, or a local folder / cached Hub id whose
@@ -278,7 +281,8 @@ def _split_state_dict(
         missing = [f for f in ("lra_U", "lra_lambda", "lra_V") if f not in factors]
         init = [f for f in ("lra_U0", "lra_lambda0", "lra_V0") if f in factors]
         if missing or len(init) not in (0, 3):
-            raise ValueError(f"{where}: module {name!r} lacks {', '.join(missing) or 'some of lra_U0/lra_lambda0/lra_V0'}")
+            lacking = ", ".join(missing) or "some of lra_U0/lra_lambda0/lra_V0"
+            raise ValueError(f"{where}: module {name!r} lacks {lacking}")
         U, lam, V = factors["lra_U"], factors["lra_lambda"].reshape(-1), factors["lra_V"]
         if U.dim() != 2 or V.dim() != 2 or U.shape[1] != lam.numel() or V.shape[1] != lam.numel():
             raise ValueError(

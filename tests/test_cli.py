@@ -163,7 +163,8 @@ def test_compress_command(saved: dict, capsys, tmp_path: Path) -> None:
         (["export-lora", "{root}/lora", "{root}/out"], "holds a LORA adapter, not an LRA adapter"),
         (["compress", "{root}/adapter", "{root}/out", "--r", "0"], "r=0 is invalid"),
         (["export-lora", "{root}/adapter", "{root}/adapter"], "is the adapter folder itself"),
-        (["merge", "{root}/bert", "{root}/adapter", "{root}/out"], "has no module 'transformer.h.0.attn.c_attn', which the adapter adapts"),
+        (["merge", "{root}/bert", "{root}/adapter", "{root}/out"],
+         "has no module 'transformer.h.0.attn.c_attn', which the adapter adapts"),
         (["merge", "{root}/nowhere", "{root}/adapter", "{root}/out"], "base model folder '{root}/nowhere' does not"),
     ],
 )
