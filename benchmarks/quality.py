@@ -1,0 +1,185 @@
+"""Task quality at a fixed budget: every recipe (recipes/*.py) × method × seed, mean ± std over seeds.
+
+Each run is one subprocess, `python recipes/<task>.py --method M --seed S --max_train_steps N ... --output_dir D`
+(or `accelerate launch ...` with --launcher accelerate); the recipe writes `D/metrics.json`, which this script reads.
+Runs whose metrics.json already exists with the same arguments are reused (pass --fresh to rerun them), so an
+interrupted sweep continues where it stopped.
+
+    .venv/bin/python benchmarks/quality.py --quick   # reduced: 160 train / 200 eval examples, 20 steps of 8
+    .venv/bin/python benchmarks/quality.py           # full budget for the README table (hours on a laptop CPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _harness import (  # noqa: E402
+    REPO_ROOT,
+    LoadRecorder,
+    default_output,
+    machine_lines,
+    markdown_table,
+    write_result,
+)
+
+METHODS = ("lra", "lora", "adalora", "full")
+SEEDS = (0, 1, 2)
+# The headline metric of each recipe (metrics.json has it as test_<name> and eval_<name>); unknown recipes report
+# every numeric test_ metric.
+PRIMARY = {"ner": "f1", "sentiment": "accuracy", "intent": "accuracy", "recommend": "ndcg_at_10"}
+
+
+@dataclass(frozen=True)
+class Budget:
+    max_train_steps: int
+    max_train_samples: int | None
+    max_eval_samples: int | None
+    flags: tuple[str, ...] = ()  # more recipe flags that belong to the budget
+
+
+FULL = Budget(max_train_steps=1000, max_train_samples=None, max_eval_samples=None)
+QUICK = Budget(max_train_steps=20, max_train_samples=160, max_eval_samples=200,
+               flags=("--per_device_train_batch_size", "8", "--max_length", "64"))
+
+
+def find_recipes(recipe_dir: Path) -> list[str]:
+    return sorted(p.stem for p in recipe_dir.glob("*.py") if not p.name.startswith("_"))
+
+
+def recipe_args(method: str, seed: int, budget: Budget, output_dir: Path, extra: list[str]) -> list[str]:
+    args = ["--method", method, "--seed", str(seed), "--max_train_steps", str(budget.max_train_steps),
+            "--output_dir", str(output_dir)]
+    if budget.max_train_samples is not None:
+        args += ["--max_train_samples", str(budget.max_train_samples)]
+    if budget.max_eval_samples is not None:
+        args += ["--max_eval_samples", str(budget.max_eval_samples)]
+    return args + list(budget.flags) + extra
+
+
+def run_one(recipe: Path, args: list[str], output_dir: Path, launcher: str, fresh: bool, log_dir: Path) -> dict:
+    """Run one recipe (or reuse its earlier metrics.json when run with the same arguments)."""
+    metrics_file = output_dir / "metrics.json"
+    stamp = output_dir / "benchmark_args.json"
+    if not fresh and metrics_file.exists() and stamp.exists() and json.loads(stamp.read_text()) == args:
+        return json.loads(metrics_file.read_text())
+    if launcher == "accelerate":
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", str(recipe), *args]
+    else:
+        cmd = [sys.executable, str(recipe), *args]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / f"{output_dir.name}.log"
+    started = time.perf_counter()
+    with log.open("w") as handle:
+        proc = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT, check=False)
+    if proc.returncode != 0 or not metrics_file.exists():
+        tail = "\n".join(log.read_text().splitlines()[-25:])
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
+    stamp.write_text(json.dumps(args))
+    metrics = json.loads(metrics_file.read_text())
+    metrics.setdefault("benchmark_wall_s", round(time.perf_counter() - started, 1))
+    return metrics
+
+
+def headline(recipe: str, metrics: dict) -> dict[str, float]:
+    """The metrics to tabulate: the recipe's primary metric on test and validation, or every numeric test_ metric."""
+    name = PRIMARY.get(recipe)
+    if name is not None and f"test_{name}" in metrics:
+        keys = [f"test_{name}", f"eval_{name}"]
+    else:
+        keys = sorted(k for k, v in metrics.items() if k.startswith("test_") and isinstance(v, (int, float)))
+    return {k: float(metrics[k]) for k in keys if isinstance(metrics.get(k), (int, float))}
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.4f} ± {std:.4f}"
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="reduced budget (subsets, few steps)")
+    parser.add_argument("--recipes", default=None, help="comma list (default: every recipes/*.py)")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--seeds", default=",".join(str(s) for s in SEEDS))
+    parser.add_argument("--max_train_steps", type=int, default=None)
+    parser.add_argument("--max_train_samples", type=int, default=None)
+    parser.add_argument("--max_eval_samples", type=int, default=None)
+    parser.add_argument("--launcher", choices=("python", "accelerate"), default="python")
+    parser.add_argument("--recipe-dir", default=str(REPO_ROOT / "recipes"))
+    parser.add_argument("--runs-dir", default=None, help="where each run's output_dir goes (default outputs/quality*)")
+    parser.add_argument("--fresh", action="store_true", help="rerun runs that already have a metrics.json")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more flags passed to every recipe")
+    args = parser.parse_args(argv)
+
+    base = QUICK if args.quick else FULL
+    budget = Budget(
+        max_train_steps=args.max_train_steps or base.max_train_steps,
+        max_train_samples=args.max_train_samples if args.max_train_samples is not None else base.max_train_samples,
+        max_eval_samples=args.max_eval_samples if args.max_eval_samples is not None else base.max_eval_samples,
+        flags=base.flags,
+    )
+    recipe_dir = Path(args.recipe_dir)
+    recipes = args.recipes.split(",") if args.recipes else find_recipes(recipe_dir)
+    if not recipes:
+        raise SystemExit(f"no recipes found in {recipe_dir}")
+    methods = args.methods.split(",")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    extra = [a for a in args.extra if a != "--"]
+    runs_dir = Path(args.runs_dir or REPO_ROOT / "outputs" / ("quality_quick" if args.quick else "quality"))
+
+    load = LoadRecorder()
+    rows = []
+    for recipe in recipes:
+        for method in methods:
+            results = []
+            for seed in seeds:
+                output_dir = runs_dir / f"{recipe}-{method}-seed{seed}"
+                run_args = recipe_args(method, seed, budget, output_dir, extra)
+                metrics = run_one(recipe_dir / f"{recipe}.py", run_args, output_dir, args.launcher, args.fresh,
+                                  runs_dir / "logs")
+                results.append(metrics)
+                print(f"{recipe} {method} seed {seed}: {headline(recipe, metrics)}", flush=True)
+            keys = list(dict.fromkeys(k for m in results for k in headline(recipe, m)))
+            scores = "; ".join(f"{k} {mean_std([headline(recipe, m)[k] for m in results if k in headline(recipe, m)])}"
+                               for k in keys)
+            trainable = results[0].get("trainable_params", "n/a")
+            runtime = [float(m["train_runtime_s"]) for m in results if "train_runtime_s" in m]
+            rows.append([recipe, method, len(results), scores, trainable,
+                         f"{statistics.median(runtime):.0f}" if runtime else "n/a"])
+    load.stop()
+    headers = ["recipe", "method", "seeds", "score (mean ± std over seeds)", "trainable params", "train s (median)"]
+    budget_text = (f"max_train_steps={budget.max_train_steps}, max_train_samples={budget.max_train_samples or 'all'}, "
+                   f"max_eval_samples={budget.max_eval_samples or 'all'} (validation and test){' '.join(('',) + budget.flags)}")
+    text = "\n".join([
+        "# Task quality at a fixed budget" + (" (reduced mode: a smoke check, not a result)" if args.quick else ""),
+        "",
+        *machine_lines(),
+        load.line(),
+        f"- Command: `python benchmarks/quality.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
+        f"- Budget, the same for every method: {budget_text}; seeds {seeds}; each recipe's own defaults otherwise "
+        f"(learning rate, batch size, r = 8, targets){'; extra recipe flags: ' + ' '.join(extra) if extra else ''}.",
+        "- Scores: test_ is the recipe's test split, eval_ its validation split; mean ± sample std over seeds.",
+        "",
+        markdown_table(headers, rows),
+    ])
+    write_result(args.out or default_output("quality_quick" if args.quick else "quality"), text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

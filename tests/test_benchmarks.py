@@ -1,0 +1,113 @@
+"""Smoke tests of the benchmark scripts: each one's quick mode on tiny sizes, so that the scripts don't rot."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load_script(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+def table_rows(text: str, first_cell: str) -> list[list[str]]:
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| ")]
+    return [row for row in rows if row[0] == first_cell]
+
+
+def test_speed_quick(tmp_path: Path) -> None:
+    speed = load_script("speed")
+    out = tmp_path / "speed.md"
+    # Peak memory needs one fresh process per method (seconds of imports each): tested in-process below.
+    text = speed.main(["--quick", "--rounds", "2", "--layer-rounds", "2", "--memory-methods", "none", "--out", str(out)])
+    assert out.read_text().strip() == text.strip()
+    for method in ("lra", "lora", "adalora", "vera", "pissa"):
+        (row,) = table_rows(text, method)
+        assert float(row[1]) > 0 and float(row[4]) > 0 and float(row[7]) > 0  # train, unmerged, merged ms
+    assert table_rows(text, "lora")[0][2] == "1.000"
+    assert table_rows(text, "vera")[0][-1] == "not measured"
+    assert "Load average" in text and "Date:" in text
+
+
+def test_speed_memory_worker() -> None:
+    speed = load_script("speed")
+    for method in ("base", "lra-adaptive" if speed.adaptive_lra_available() else "lra", "adalora"):
+        assert speed.memory_worker(method, "tiny", r=4, steps=2)["peak_rss_mib"] > 0
+
+
+def test_init_quick(tmp_path: Path) -> None:
+    init = load_script("init")
+    text = init.main(["--quick", "--niters", "exact,4", "--rounds", "1", "--out", str(tmp_path / "init.md")])
+    rows = table_rows(text, "256×512")
+    assert [row[2] for row in rows] == ["exact", "niter=4"]
+    exact = rows[0]
+    assert float(exact[7]) < 1e-4 and float(exact[8]) < 1e-4  # both exact SVDs find the rank-r truncation
+    for row in rows:
+        lra_identity, peft_identity = (float(v) for v in row[9].split(" / "))
+        assert lra_identity < 1e-5 and peft_identity < 1e-5  # W_res + ΔW₀ = W at step 0
+
+
+def test_hotpath_quick(tmp_path: Path) -> None:
+    hotpath = load_script("hotpath")
+    text = hotpath.main(["--quick", "--rounds", "1", "--out", str(tmp_path / "hotpath.md")])
+    for variant in ("matmul", "copy", "transposed", "lora"):
+        assert table_rows(text, variant)
+
+
+STUB_RECIPE = '''
+import argparse, json, pathlib
+p = argparse.ArgumentParser()
+for flag in ("--method", "--output_dir"):
+    p.add_argument(flag)
+for flag in ("--seed", "--max_train_steps", "--max_train_samples", "--max_eval_samples"):
+    p.add_argument(flag, type=int)
+a, _ = p.parse_known_args()
+out = pathlib.Path(a.output_dir)
+out.mkdir(parents=True, exist_ok=True)
+score = 0.5 + 0.1 * a.seed + (0.2 if a.method == "full" else 0.0)
+(out / "metrics.json").write_text(json.dumps({"test_accuracy": score, "eval_accuracy": score - 0.05,
+                                              "trainable_params": 10, "train_runtime_s": 1.0, "seen": vars(a)}))
+'''
+
+
+def test_quality_aggregates_recipe_runs(tmp_path: Path) -> None:
+    """quality.py's plumbing (flags, subprocess, metrics.json, mean ± std, reuse) with a stand-in recipe."""
+    quality = load_script("quality")
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    (recipes / "sentiment.py").write_text(STUB_RECIPE)
+    argv = ["--quick", "--recipe-dir", str(recipes), "--runs-dir", str(tmp_path / "runs"), "--methods", "lra,full",
+            "--out", str(tmp_path / "quality.md")]
+    text = quality.main(argv)
+    (lra,) = [row for row in table_rows(text, "sentiment") if row[1] == "lra"]
+    assert lra[2] == "3"
+    assert "test_accuracy 0.6000 ± 0.1000" in lra[3] and "eval_accuracy 0.5500 ± 0.1000" in lra[3]
+    (full,) = [row for row in table_rows(text, "sentiment") if row[1] == "full"]
+    assert "test_accuracy 0.8000 ± 0.1000" in full[3]
+    seen = json.loads((tmp_path / "runs" / "sentiment-lra-seed2" / "metrics.json").read_text())["seen"]
+    assert seen["max_train_steps"] == quality.QUICK.max_train_steps and seen["max_train_samples"] == quality.QUICK.max_train_samples
+    # A second sweep reuses the runs: the stand-in now fails, so any rerun would raise.
+    (recipes / "sentiment.py").write_text("raise SystemExit(1)\n")
+    again = quality.main(argv)
+    assert [row for row in table_rows(again, "sentiment") if row[1] == "lra"] == [lra]
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
