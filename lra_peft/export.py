@@ -64,10 +64,14 @@ def export_lora(
     snapshot = load_snapshot(model_or_adapter_dir, adapter_name)
     _check_distinct(snapshot, out_dir)
     if not snapshot.resolve_kinds(base):
+        base_id = base or snapshot.base_model_name_or_path
+        where = (
+            f"could not read the config of base model {str(base_id)!r} (neither a local folder nor in the Hugging "
+            "Face cache)" if base_id else "the adapter config records no base model"
+        )
         warnings.warn(
-            f"could not read the config of base model {snapshot.base_model_name_or_path!r} (neither a local folder "
-            "nor in the Hugging Face cache), so every adapted module is written as a Linear LoRA layer. If the "
-            "adapter adapts Embedding or Conv2d modules, pass base=<the base model or its local folder>.",
+            f"{where}, so every adapted module is written as a Linear LoRA layer. If the adapter adapts Embedding "
+            "or Conv2d modules, pass base=<the base model or its local folder>.",
             stacklevel=2,
         )
     state: dict[str, torch.Tensor] = {}
@@ -133,7 +137,7 @@ def _lora_config(snapshot: AdapterSnapshot, ranks: dict[str, int]):
 
     config = snapshot.config
     common = Counter(ranks.values()).most_common(1)[0][0]
-    pattern = {name: k for name, k in ranks.items() if k != common}
+    pattern = {_pattern_key(name, ranks): k for name, k in ranks.items() if k != common}
     kinds = {layer.kind for layer in snapshot.layers.values()}
     fan_in_fan_out = config.fan_in_fan_out if None in kinds else ("conv1d" in kinds and "linear" not in kinds)
     return LoraConfig(
@@ -318,7 +322,7 @@ def _check_not_quantized(model: nn.Module) -> None:
         base = module.get_base_layer() if isinstance(module, LRALayer) else module
         if isinstance(base, nn.Module) and resolve_quantization_backend(base) is not None:
             raise ValueError(
-                f"module {name!r} of the model is quantized: merging into it would bake quantization error into the "
+                f"module {name.removeprefix('base_model.model.')!r} of the model is quantized: merging into it would bake quantization error into the "
                 "export. Merge onto the unquantized base instead: export_merged(<adapter folder>, out_dir, "
                 "base=<unquantized base model>)"
             )
@@ -382,7 +386,7 @@ def compress(
     old = snapshot.config
     scale = old.lra_alpha / old.r
     capped = {name: min(r, layer.out_features, layer.in_features) for name, layer in snapshot.layers.items()}
-    pattern = {name: k for name, k in capped.items() if k != r}
+    pattern = {_pattern_key(name, capped): k for name, k in capped.items() if k != r}
     config = LRAConfig(
         task_type=old.task_type,
         base_model_name_or_path=old.base_model_name_or_path,
@@ -458,6 +462,12 @@ def _pad_to_rank(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, k: int) -> t
         return torch.cat([Q, full[:, Q.shape[1]:]], dim=1)
 
     return complete(U), torch.cat([S, S.new_zeros(missing)]), complete(V)
+
+
+def _pattern_key(name: str, names: dict) -> str:
+    """A rank_pattern key for module `name` alone: PEFT matches keys as dotted suffixes, so anchor a name that is
+    also the end of another adapted module's name (`model.layers.0.mlp` vs `vision.model.layers.0.mlp`)."""
+    return "^" + name if any(other != name and other.endswith("." + name) for other in names) else name
 
 
 def _tidy(value: float) -> Union[int, float]:

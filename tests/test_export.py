@@ -328,3 +328,31 @@ def test_compress_rejects_a_bad_rank(zoo: dict, tmp_path: Path) -> None:
     for bad in (0, -2, 2.5, True):
         with pytest.raises(ValueError, match="use a positive integer rank"):
             lra_peft.compress(zoo["bert_true"]["dir"] / "adapter", tmp_path / "out", r=bad)
+
+
+def test_adaptive_rank_adapter_exports_and_compresses_exactly(tmp_path: Path) -> None:
+    config = LRAConfig(r=4, target_r=2, total_step=12, init_warmup=2, final_warmup=3, mask_interval=1,
+                       init_weights="principal", target_modules=["query", "value"], task_type="SEQ_CLS")
+    model = get_peft_model(make_bert_seq_cls(), config)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    inputs, labels = _inputs("seq")["input_ids"], torch.tensor([0, 1, 2])
+    model.train()
+    for step in range(1, 13):
+        model(input_ids=inputs, labels=labels).loss.backward()
+        optimizer.step()
+        model.update_and_allocate(step)
+        optimizer.zero_grad()
+    expected = _output(model, {"input_ids": inputs})
+    model.save_pretrained(tmp_path / "cut")  # U, λ, V cut to the allocated ranks, rank_pattern written
+    ranks = model.allocated_ranks()
+    assert lra_peft.rank_report(tmp_path / "cut").ranks == ranks and sum(ranks.values()) == 2 * len(ranks)
+
+    with pytest.warns(UserWarning, match="records no base model"):  # built from a config: no base to read
+        lra_peft.export_lora(tmp_path / "cut", tmp_path / "lora")
+    lora = PeftModel.from_pretrained(make_bert_seq_cls(), tmp_path / "lora")
+    assert rel_err(_output(lora, {"input_ids": inputs}), expected) <= 1e-5
+    full_rank = max(ranks.values()) + 4  # the largest allocated rank + ΔW₀'s rank
+    report = lra_peft.compress(tmp_path / "cut", tmp_path / "compressed", r=full_rank)
+    assert report.total_error <= 1e-6
+    compressed = PeftModel.from_pretrained(make_bert_seq_cls(), tmp_path / "compressed")
+    assert rel_err(_output(compressed, {"input_ids": inputs}), expected) <= 1e-5
