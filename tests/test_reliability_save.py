@@ -1,0 +1,140 @@
+"""`PeftModel.save_pretrained` of LRA models is atomic: a crash in the middle of a write leaves the previous adapter
+loadable (or, for a new folder, no adapter at all), never a partial file that later loads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import peft.peft_model
+import pytest
+import torch
+from conftest import make_bert_seq_cls, rel_err
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from lra_peft import LRAConfig
+
+TARGETS = ["query", "value"]
+
+
+class SimulatedCrash(Exception):
+    pass
+
+
+def _model(seed: int) -> PeftModel:
+    model = get_peft_model(make_bert_seq_cls(), LRAConfig(r=4, target_modules=TARGETS, task_type="SEQ_CLS"))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lra_" in name:
+                param.add_(0.2 * torch.randn(param.shape, generator=gen))
+    return model.eval()
+
+
+def _logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=input_ids).logits
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _crash_in_the_middle_of_writing_weights(monkeypatch: pytest.MonkeyPatch, check=None) -> list[str]:
+    """Make PEFT's safetensors write stop half-way (half the bytes on disk), as a kill or a full disk would."""
+    real_save = peft.peft_model.safe_save_file
+    written = []
+
+    def half_then_crash(tensors, filename, metadata=None):
+        real_save(tensors, filename, metadata=metadata)
+        data = Path(filename).read_bytes()
+        Path(filename).write_bytes(data[: len(data) // 2])
+        written.append(filename)
+        if check is not None:
+            check()  # the state a SIGKILL right now would leave
+        raise SimulatedCrash("killed while writing")
+
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", half_then_crash)
+    return written
+
+
+def test_crash_while_overwriting_leaves_the_previous_adapter_loadable(tmp_path: Path, input_ids: torch.Tensor,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "adapter"
+    old = _model(seed=1)
+    old.save_pretrained(out)
+    expected = _logits(old, input_ids)
+    before = _files(out)
+
+    def previous_adapter_intact() -> None:
+        assert _files(out) == before
+        loaded = PeftModel.from_pretrained(make_bert_seq_cls(), out)
+        assert rel_err(_logits(loaded, input_ids), expected) <= 1e-6
+
+    written = _crash_in_the_middle_of_writing_weights(monkeypatch, previous_adapter_intact)
+    with pytest.raises(SimulatedCrash):
+        _model(seed=2).save_pretrained(out)
+    assert written and not Path(written[0]).is_relative_to(out), "PEFT wrote into the target folder in place"
+    previous_adapter_intact()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"], "temporary folder left behind"
+
+
+def test_crash_during_a_first_save_leaves_no_adapter_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "new" / "adapter"
+
+    def nothing_visible() -> None:
+        assert not out.exists()
+
+    _crash_in_the_middle_of_writing_weights(monkeypatch, nothing_visible)
+    with pytest.raises(SimulatedCrash):
+        _model(seed=1).save_pretrained(out)
+    assert not out.exists()
+    with pytest.raises((FileNotFoundError, ValueError)):
+        PeftModel.from_pretrained(make_bert_seq_cls(), out)
+
+
+def test_resave_replaces_the_adapter_and_keeps_other_files(tmp_path: Path, input_ids: torch.Tensor) -> None:
+    out = tmp_path / "adapter"
+    _model(seed=1).save_pretrained(out)
+    (out / "metrics.json").write_text(json.dumps({"eval_accuracy": 0.5}))
+    readme = (out / "README.md").read_text()
+    (out / "README.md").write_text(readme + "\n## Notes by the user\n\nkeep me\n")
+    new = _model(seed=2)
+    new.save_pretrained(out)
+    assert json.loads((out / "metrics.json").read_text()) == {"eval_accuracy": 0.5}
+    assert "keep me" in (out / "README.md").read_text()
+    loaded = PeftModel.from_pretrained(make_bert_seq_cls(), out)
+    assert rel_err(_logits(loaded, input_ids), _logits(new, input_ids)) <= 1e-6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_several_adapters_and_relative_paths_save_atomically(tmp_path: Path, input_ids: torch.Tensor,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model(seed=1)
+    model.add_adapter("second", LRAConfig(r=2, target_modules=TARGETS, init_weights=False))
+    monkeypatch.chdir(tmp_path)
+    model.save_pretrained(".")  # the current folder: the temporary one must still sit next to it, not inside
+    model.save_pretrained("adapters")
+    for folder in (tmp_path, tmp_path / "adapters"):
+        assert (folder / "adapter_config.json").is_file() and (folder / "second" / "adapter_config.json").is_file()
+    assert not [p for p in tmp_path.parent.iterdir() if p.name.startswith(f".{tmp_path.name}.tmp")]
+    loaded = PeftModel.from_pretrained(make_bert_seq_cls(), tmp_path / "adapters")
+    loaded.load_adapter(tmp_path / "adapters" / "second", adapter_name="second")
+    for name in ("default", "second"):
+        model.set_adapter(name)
+        loaded.set_adapter(name)
+        assert rel_err(_logits(loaded, input_ids), _logits(model, input_ids)) <= 1e-6
+
+
+def test_non_main_process_writes_nothing(tmp_path: Path) -> None:
+    _model(seed=1).save_pretrained(tmp_path / "adapter", is_main_process=False)
+    assert not (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_other_peft_methods_keep_peft_behaviour(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    written = _crash_in_the_middle_of_writing_weights(monkeypatch)
+    lora = get_peft_model(make_bert_seq_cls(), LoraConfig(r=2, target_modules=TARGETS))
+    with pytest.raises(SimulatedCrash):
+        lora.save_pretrained(tmp_path / "lora")
+    assert Path(written[0]).parent == tmp_path / "lora"  # PEFT's own in-place write: lra-peft leaves LoRA alone
