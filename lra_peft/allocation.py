@@ -17,16 +17,35 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from typing import Optional
+import weakref
+from typing import Any, Optional
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .config import LRAConfig
 from .layer import LRALayer
 
 # The prefix PEFT puts in front of the tuner's module names in a PeftModel state dict.
 _PEFT_PREFIX = "base_model.model."
+
+# Allocators that have pruned something. After every optimizer step (PyTorch's global step hook) their pruned λ are
+# zeroed again, so that the optimizer (Adam's momentum) cannot move them even between two update_and_allocate calls.
+_PRUNED_ALLOCATORS: weakref.WeakSet[RankAllocator] = weakref.WeakSet()
+_step_hook: Optional[torch.utils.hooks.RemovableHandle] = None
+
+
+def _remask_after_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    for allocator in list(_PRUNED_ALLOCATORS):
+        allocator.reapply_masks()
+
+
+def _track_pruned(allocator: RankAllocator) -> None:
+    global _step_hook
+    _PRUNED_ALLOCATORS.add(allocator)
+    if _step_hook is None:
+        _step_hook = register_optimizer_step_post_hook(_remask_after_optimizer_step)
 
 
 def budget_schedule(
@@ -232,6 +251,7 @@ class RankAllocator:
         self.num_alive = keep_count
         self.budget = budget
         self.reapply_masks()
+        _track_pruned(self)
 
     def reapply_masks(self) -> None:
         """Zero the pruned λ again: the optimizer (Adam's momentum) moves them after every step."""
