@@ -217,6 +217,27 @@ def test_several_adapters_switching_and_disabling(checkpoint, quant):
     assert torch.equal(hidden(peft_model), first)
 
 
+@pytest.mark.parametrize("quant", ["int8", "nf4"])
+def test_mixed_adapter_batch_matches_one_adapter_at_a_time(checkpoint, quant):
+    model = quantized_load(AutoModel, checkpoint, bnb_config(quant))
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, LRAConfig(r=4, target_modules="all-linear", init_weights="principal"))
+    peft_model.add_adapter("other", LRAConfig(r=2, target_modules="all-linear", init_weights=False))
+    peft_model.eval()
+    input_ids = batch()["input_ids"]
+    expected = {}
+    for name in ("default", "other"):
+        peft_model.set_adapter(name)
+        expected[name] = hidden(peft_model)
+    with peft_model.disable_adapter():
+        expected["__base__"] = hidden(peft_model)
+    names = ["other", "__base__", "default", "other"]
+    with torch.no_grad():
+        mixed = peft_model(input_ids=input_ids, adapter_names=names).last_hidden_state
+    for row, name in enumerate(names):
+        torch.testing.assert_close(mixed[row], expected[name][row], rtol=0, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------- merging
 def merge_fixture(checkpoint: str, quant: str) -> tuple[PeftModel, torch.Tensor, torch.Tensor, float]:
     """A quantized model with a trained-looking adapter (‖ΔW‖ = ‖W‖/2), its output, base output, base error."""
