@@ -322,9 +322,9 @@ def _check_not_quantized(model: nn.Module) -> None:
         base = module.get_base_layer() if isinstance(module, LRALayer) else module
         if isinstance(base, nn.Module) and resolve_quantization_backend(base) is not None:
             raise ValueError(
-                f"module {name.removeprefix('base_model.model.')!r} of the model is quantized: merging into it would bake quantization error into the "
-                "export. Merge onto the unquantized base instead: export_merged(<adapter folder>, out_dir, "
-                "base=<unquantized base model>)"
+                f"module {name.removeprefix('base_model.model.')!r} of the model is quantized: merging into it "
+                "would bake quantization error into the export. Merge onto the unquantized base instead: "
+                "export_merged(<adapter folder>, out_dir, base=<unquantized base model>)"
             )
 
 

@@ -13,7 +13,7 @@ import torch
 from conftest import VOCAB, make_bert_seq_cls, make_gpt2, rel_err
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GPT2Config
 
 import lra_peft
 from lra_peft import LRAConfig
@@ -43,6 +43,8 @@ def saved(tmp_path_factory) -> dict:
         expected = model(input_ids=input_ids).logits
     model.save_pretrained(root / "adapter")
     make_bert_seq_cls().save_pretrained(root / "bert")
+    wide = GPT2Config(n_embd=48, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64)  # same modules, other sizes
+    AutoModelForCausalLM.from_config(wide).save_pretrained(root / "wide_gpt2")
     lra_peft.export_lora(root / "adapter", root / "lora")
     return {"root": root, "model": model, "input_ids": input_ids, "expected": expected}
 
@@ -166,6 +168,9 @@ def test_compress_command(saved: dict, capsys, tmp_path: Path) -> None:
         (["merge", "{root}/bert", "{root}/adapter", "{root}/out"],
          "has no module 'transformer.h.0.attn.c_attn', which the adapter adapts"),
         (["merge", "{root}/nowhere", "{root}/adapter", "{root}/out"], "base model folder '{root}/nowhere' does not"),
+        (["merge", "{root}/wide_gpt2", "{root}/adapter", "{root}/out"],
+         "module 'transformer.h.0.attn.c_attn' of base model '{root}/wide_gpt2' maps 48 -> 144 features but the "
+         "adapter's factors are for 32 -> 96"),
     ],
 )
 def test_errors_are_one_line_and_a_nonzero_exit(saved: dict, capsys, argv: list[str], message: str) -> None:
