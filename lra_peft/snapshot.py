@@ -188,13 +188,9 @@ def read_adapter_config(adapter_dir: Union[str, os.PathLike]) -> dict:
             f"{str(path)!r} has no {ADAPTER_CONFIG_NAME}, so it is not a saved PEFT adapter (save one with "
             "PeftModel.save_pretrained)"
         )
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{config_file} is not valid JSON ({exc})") from exc
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_file} does not hold a JSON object")
-    return config
+    from .safety import read_config_file  # the same clear errors as loading with PEFT
+
+    return read_config_file(config_file)
 
 
 def snapshot_from_dir(adapter_dir: Union[str, os.PathLike]) -> AdapterSnapshot:

@@ -46,6 +46,10 @@ def saved(tmp_path_factory) -> dict:
     wide = GPT2Config(n_embd=48, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64)  # same modules, other sizes
     AutoModelForCausalLM.from_config(wide).save_pretrained(root / "wide_gpt2")
     lra_peft.export_lora(root / "adapter", root / "lora")
+    (root / "damaged").mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        data = (root / "adapter" / name).read_bytes()
+        (root / "damaged" / name).write_bytes(data[: len(data) // 2] if name.endswith("safetensors") else data)
     return {"root": root, "model": model, "input_ids": input_ids, "expected": expected}
 
 
@@ -163,6 +167,7 @@ def test_compress_command(saved: dict, capsys, tmp_path: Path) -> None:
         (["inspect", "{root}/missing"], "adapter folder '{root}/missing' does not exist"),
         (["inspect", "{root}/base"], "has no adapter_config.json"),
         (["export-lora", "{root}/lora", "{root}/out"], "holds a LORA adapter, not an LRA adapter"),
+        (["inspect", "{root}/damaged"], "adapter_model.safetensors cannot be read as safetensors"),
         (["compress", "{root}/adapter", "{root}/out", "--r", "0"], "r=0 is invalid"),
         (["export-lora", "{root}/adapter", "{root}/adapter"], "is the adapter folder itself"),
         (["merge", "{root}/bert", "{root}/adapter", "{root}/out"],
