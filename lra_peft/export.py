@@ -8,6 +8,7 @@ form, relative to the original base weight: B = [s·U·diag(λ) | −s·U₀·di
 from __future__ import annotations
 
 import copy
+import json
 import math
 import warnings
 from collections import Counter
@@ -269,7 +270,8 @@ def _check_model_type(cls: type, base_id: str) -> None:
 
 
 def _head_overrides(snapshot: AdapterSnapshot, base_id: str) -> dict[str, Any]:
-    """A classification adapter brings its own head (modules_to_save): size the base's head to it."""
+    """A classification adapter brings its own head (modules_to_save): size the base's head to it, and name the
+    labels from the labels.json that recipes save next to the adapter."""
     if str(snapshot.config.task_type) not in ("SEQ_CLS", "TOKEN_CLS") or not snapshot.config.modules_to_save:
         return {}
     from transformers import AutoConfig
@@ -277,15 +279,31 @@ def _head_overrides(snapshot: AdapterSnapshot, base_id: str) -> dict[str, Any]:
     for head in snapshot.config.modules_to_save:
         for suffix in (f"{head}.weight", f"{head}.out_proj.weight"):
             tensor = snapshot.extra.get(f"base_model.model.{suffix}")
-            if tensor is not None and tensor.dim() == 2:
-                try:
-                    num_labels = AutoConfig.from_pretrained(base_id, local_files_only=True).num_labels
-                except (OSError, ValueError):
-                    return {}
-                if num_labels != tensor.shape[0]:
-                    return {"num_labels": tensor.shape[0], "ignore_mismatched_sizes": True}
+            if tensor is None or tensor.dim() != 2:
+                continue
+            num_labels, overrides = tensor.shape[0], {}
+            try:
+                if AutoConfig.from_pretrained(base_id, local_files_only=True).num_labels != num_labels:
+                    overrides = {"num_labels": num_labels, "ignore_mismatched_sizes": True}
+            except (OSError, ValueError):
                 return {}
+            labels = _read_labels(snapshot.source_dir)
+            if labels is not None and len(labels) == num_labels:
+                overrides["id2label"] = dict(enumerate(labels))
+                overrides["label2id"] = {label: i for i, label in enumerate(labels)}
+            return overrides
     return {}
+
+
+def _read_labels(folder: Optional[Path]) -> Optional[list[str]]:
+    path = folder / "labels.json" if folder is not None else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        labels = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return labels if isinstance(labels, list) and all(isinstance(x, str) for x in labels) else None
 
 
 def _untie_adapted_weights(peft_model: nn.Module) -> None:

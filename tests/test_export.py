@@ -356,3 +356,20 @@ def test_adaptive_rank_adapter_exports_and_compresses_exactly(tmp_path: Path) ->
     assert report.total_error <= 1e-6
     compressed = PeftModel.from_pretrained(make_bert_seq_cls(), tmp_path / "compressed")
     assert rel_err(_output(compressed, {"input_ids": inputs}), expected) <= 1e-5
+
+
+def test_merged_classifier_takes_the_adapters_head_and_labels(tmp_path: Path) -> None:
+    make_bert_seq_cls(num_labels=2).save_pretrained(tmp_path / "base")  # a base with another head, as MiniLM has none
+    base = AutoModelForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=5,
+                                                              ignore_mismatched_sizes=True)
+    model = get_peft_model(base, LRAConfig(r=R, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    train_like(model, seed=7)
+    inputs = _inputs("seq")
+    expected = _output(model, inputs)
+    model.save_pretrained(tmp_path / "adapter")
+    labels = ["card", "cash", "atm", "fee", "other"]
+    (tmp_path / "adapter" / "labels.json").write_text(json.dumps(labels))  # as the recipes write it
+    lra_peft.export_merged(tmp_path / "adapter", tmp_path / "merged")
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    assert merged.config.num_labels == 5 and merged.config.id2label == dict(enumerate(labels))
+    assert rel_err(_output(merged, inputs), expected) <= 1e-5
