@@ -119,8 +119,8 @@ class LRAConfig(PeftConfig):
             self.lra_alpha = self.r
         for name in ("rank_pattern", "alpha_pattern"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), dict):
-                raise ValueError(f"LRAConfig.{name}={getattr(self, name)!r} is invalid: use a dict mapping module names "
-                                 "(or regexes) to values.")
+                raise ValueError(f"LRAConfig.{name}={getattr(self, name)!r} is invalid: use a dict mapping module "
+                                 "names (or regexes) to values.")
         self.rank_pattern = dict(self.rank_pattern or {})
         self.alpha_pattern = dict(self.alpha_pattern or {})
         self.validate()

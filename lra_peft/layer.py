@@ -203,9 +203,14 @@ class LRALayer(BaseTunerLayer):
         return self._from_matrix(self.delta_weight_matrix(adapter)).to(weight_dtype)
 
     # ------------------------------------------------------------------------------------------ merge / unmerge
-    def check_merge(self, adapter_names: Optional[list[str]] = None) -> None:
-        """Raise a ValueError, changing nothing, if merging `adapter_names` would put a non-finite value in W."""
+    def check_merge(self, adapter_names: Optional[list[str]] = None, unload: bool = False) -> None:
+        """Raise a ValueError, changing nothing, if merging `adapter_names` would put a non-finite value in W.
+
+        With `unload=True` also check the next step of `merge_and_unload`: adding back the ΔW₀ of a residual owner
+        that is not merged.
+        """
         base = self.get_base_weight().float()
+        merged = list(self.merged_adapters)
         for adapter in check_adapters_to_merge(self, adapter_names):
             if adapter not in self.lra_U:
                 continue
@@ -216,6 +221,16 @@ class LRALayer(BaseTunerLayer):
                     "is broken (non-finite values, often from a diverged training run). Nothing was merged."
                 )
             base = base + self.get_delta_weight(adapter).float()
+            merged.append(adapter)
+        owner = self.residual_owner
+        if unload and owner is not None and owner not in merged:
+            if not torch.isfinite(base + self._from_matrix(self._init_delta_matrix(owner)).float()).all():
+                raise ValueError(
+                    f"Unloading would put NaN or Inf into the weights of this layer "
+                    f"({type(self.get_base_layer()).__name__} {self.out_features}x{self.in_features}): the initial "
+                    f"factors lra_U0/lra_lambda0/lra_V0 of adapter {owner!r}, added back to restore the original "
+                    "weight, are not finite. Nothing was changed."
+                )
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Merge the active (or the given) adapters into the base weight.

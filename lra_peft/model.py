@@ -277,7 +277,7 @@ class LRAModel(BaseTuner):
     ) -> nn.Module:
         if merge and safe_merge:
             for layer in self._lra_layers():
-                layer.check_merge(adapter_names)
+                layer.check_merge(adapter_names, unload=True)
         return super()._unload_and_optionally_merge(
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
@@ -317,8 +317,8 @@ class LRAModel(BaseTuner):
             )
         if not_finite:
             raise ValueError(
-                f"The LRA adapter {adapter_name!r} holds NaN or Inf values in {', '.join(not_finite[:5])}; it is broken "
-                "(often saved from a diverged training run). Nothing was loaded."
+                f"The LRA adapter {adapter_name!r} holds NaN or Inf values in {', '.join(not_finite[:5])}; it is "
+                "broken (often saved from a diverged training run). Nothing was loaded."
             )
 
     @classmethod
