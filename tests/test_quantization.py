@@ -8,6 +8,8 @@ model itself.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from conftest import VOCAB, tiny_bert_config
@@ -146,6 +148,22 @@ def test_quantized_load_rejects_a_missing_or_wrong_quantization_config(checkpoin
         quantized_load(AutoModel, checkpoint, BitsAndBytesConfig())
     with pytest.raises(ValueError, match="once"):
         quantized_load(AutoModel, checkpoint, bnb_config("int8"), load_in_8bit=True)
+
+
+def test_quantized_load_finds_full_precision_weights_in_a_sharded_checkpoint(checkpoint, full_precision, tmp_path):
+    BertModel.from_pretrained(checkpoint).save_pretrained(tmp_path, max_shard_size="50KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    model = quantized_load(AutoModelForSequenceClassification, str(tmp_path), bnb_config("nf4"), num_labels=3)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        peft_model = get_peft_model(model, LRAConfig(r=8, target_modules=["query"], init_weights="principal"))
+    assert not [w for w in record if "quantized_load" in str(w.message)]
+    layer = lra_layers(peft_model)["base_model.model.bert.encoder.layer.1.attention.self.query"]
+    W = full_precision["encoder.layer.1.attention.self.query"]
+    expected = layer.quantization_backend.quantize_dequantize(
+        layer.get_base_layer(), W - layer._init_delta_matrix("default")
+    )
+    torch.testing.assert_close(layer.get_base_weight().float(), expected, rtol=0, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------- training on bnb bases
@@ -306,7 +324,8 @@ def test_svd_init_decomposes_full_precision_w_and_quantizes_the_residual(checkpo
     plain_error = reconstruction_error(plain, full_precision)
 
     model = quantized_load(AutoModel, checkpoint, bnb_config(quant))
-    with pytest.warns() as record:
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
         peft_model = get_peft_model(model, LRAConfig(r=8, target_modules="all-linear", init_weights=init))
     assert not [w for w in record if "quantized_load" in str(w.message)]  # W itself was found in the checkpoint
     for name, layer in lra_layers(peft_model).items():
