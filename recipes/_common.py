@@ -300,17 +300,25 @@ def check_labels_known(labels: Sequence[str], known: set[str], split: str, where
 
 
 def load_quantized_model(model_cls: Any, path: str, args: argparse.Namespace, **kwargs: Any) -> nn.Module:
-    """Load the base in 8/4-bit through lra_peft's quantization helper (it keeps the task head unquantized)."""
+    """Load the base in 8-bit or 4-bit NF4 with `lra_peft.quantized_load`, which keeps the fresh task head in full
+    precision (bitsandbytes cannot run a layer that was never quantized) and lets principal init see W, not Q(W)."""
+    from transformers import BitsAndBytesConfig
+
     try:
-        from lra_peft import quantization
+        from lra_peft import quantized_load
     except ImportError:
-        quantization = None
-    helper = getattr(quantization, "load_quantized_for_classification", None) if quantization else None
-    if helper is None:
-        raise RecipeError("--load_in_8bit/--load_in_4bit: lra_peft's quantization helper (lra_peft.quantization) is "
-                          "not available yet in this version of lra-peft; run without these flags")
-    bits = 8 if args.load_in_8bit else 4
-    return helper(model_cls, path, bits=bits, **kwargs)
+        raise RecipeError("--load_in_8bit/--load_in_4bit: this version of lra-peft has no quantized_load; run without "
+                          "these flags or update lra-peft") from None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise RecipeError("--load_in_8bit/--load_in_4bit need bitsandbytes: `pip install -e '.[quant]'`")
+    if args.load_in_8bit:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    try:
+        return quantized_load(model_cls, path, config, **kwargs)
+    except (ImportError, RuntimeError, ValueError) as exc:
+        raise RecipeError(f"could not load {path} in {'8' if args.load_in_8bit else '4'}-bit: {exc}") from None
 
 
 def load_model(model_cls: Any, args: argparse.Namespace, **kwargs: Any) -> nn.Module:
@@ -404,13 +412,13 @@ def rank_allocator(model: nn.Module, args: argparse.Namespace) -> Optional[Calla
     """`update_and_allocate` of the adaptive-rank method, to call after each optimizer step; None when not used."""
     peft_model = find_peft_model(model)
     if args.method == "adalora":
-        return peft_model.base_model.update_and_allocate
+        return peft_model.base_model.update_and_allocate  # PEFT's AdaLoRA counts steps from 0
     if args.method == "lra" and args.target_r is not None:
         tuner = peft_model.base_model
         if not hasattr(tuner, "update_and_allocate"):
-            raise RecipeError("--target_r: adaptive rank allocation (LRAModel.update_and_allocate, lra_peft/"
-                              "allocation.py) is not available yet in this version of lra-peft; run without --target_r")
-        return tuner.update_and_allocate
+            raise RecipeError("--target_r: adaptive rank allocation (LRAModel.update_and_allocate) is not available in "
+                              "this version of lra-peft; run without --target_r")
+        return lambda step: tuner.update_and_allocate(step + 1)  # LRA counts steps taken, 1 after the first
     return None
 
 
@@ -770,7 +778,6 @@ def save_outputs(args: argparse.Namespace, accelerator: Any, model: nn.Module, t
     peft_model = find_peft_model(unwrapped)
     # A task wrapper without `save_pretrained` (recommend.py's BiEncoder) saves the encoder it wraps.
     saved = peft_model if peft_model is not None else getattr(unwrapped, "encoder", unwrapped)
-    saved.save_pretrained(str(tmp), safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
     if run.labels is not None:
@@ -794,6 +801,9 @@ def save_outputs(args: argparse.Namespace, accelerator: Any, model: nn.Module, t
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (tmp / run.report_name).write_text(run.report_text)
     (tmp / "README.md").write_text(model_card(args, run, metrics, peft_model is not None))
+    # After the card and metrics.json: for an LRA adapter, lra_peft's save hook adds its own section (ranks, base,
+    # the metrics of metrics.json) to the card; PEFT adds its metadata for other adapters.
+    saved.save_pretrained(str(tmp), safe_serialization=True)
     for item in sorted(tmp.iterdir(), key=lambda p: p.name == "README.md"):
         os.replace(item, output_dir / item.name)  # the card last: it describes files already in place
     tmp.rmdir()
@@ -864,17 +874,25 @@ the base yourself and use `peft.PeftModel.from_pretrained(base, "{ref}")`.
 
 
 def push_to_hub(args: argparse.Namespace, output_dir: Path) -> None:
-    """Upload the output folder (without checkpoints and logs), as Transformers' no_trainer examples do."""
+    """Upload the run's files (not checkpoints or logs): LRA adapters through `lra_peft.push_to_hub` (which refreshes
+    the LRA section of the card), anything else with `HfApi.upload_folder`, as Transformers' no_trainer examples."""
+    repo_id = args.hub_model_id or output_dir.absolute().name
     try:
+        if args.method == "lra":
+            import lra_peft
+
+            lra_peft.push_to_hub(output_dir, repo_id, token=args.hub_token)
+            return
         from huggingface_hub import HfApi
 
         api = HfApi(token=args.hub_token)
-        repo_id = api.create_repo(args.hub_model_id or output_dir.absolute().name, exist_ok=True).repo_id
+        repo_id = api.create_repo(repo_id, exist_ok=True).repo_id
         api.upload_folder(repo_id=repo_id, folder_path=str(output_dir), commit_message="lra-peft recipe run",
-                          ignore_patterns=[f"{CHECKPOINT_PREFIX}*", "runs/*", ".*"])
+                          ignore_patterns=[f"{CHECKPOINT_PREFIX}*", "runs/*", ".*", "*/*"])
     except Exception as exc:  # noqa: BLE001 - the run's files are safe on disk; say why the upload failed
-        raise RecipeError(f"--push_to_hub: uploading {output_dir} failed ({type(exc).__name__}: {exc}); the adapter "
-                          "and metrics are saved locally, push them later with `hf upload`") from None
+        raise RecipeError(f"--push_to_hub: uploading {output_dir} to {repo_id} failed ({type(exc).__name__}: {exc}); "
+                          "the adapter and metrics are saved locally, push them later with `lra-peft push` or "
+                          "`hf upload`") from None
 
 
 # ------------------------------------------------------------------------------------------------------ prediction
