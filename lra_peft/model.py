@@ -114,6 +114,12 @@ class LRAModel(BaseTuner):
 
     def _validate_targets(self, model: nn.Module, adapter_name: str) -> None:
         config = self.peft_config[adapter_name]
+        owners_of_weight: dict[int, list[str]] = {}
+        if config.decomposes_base and not config._from_checkpoint:
+            for name, mod in model.named_modules():
+                weight = getattr(mod, "weight", None)
+                if isinstance(weight, torch.Tensor) and not isinstance(mod, BaseTunerLayer):
+                    owners_of_weight.setdefault(id(weight), []).append(name)
         for key, module in self._matched_targets(model, adapter_name):
             base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
             if isinstance(module, BaseTunerLayer) and not isinstance(module, LRALayer):
@@ -136,6 +142,15 @@ class LRAModel(BaseTuner):
             r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), key), config.r)
             in_features, out_features = _matrix_dims(base, layer_type)
             if config.decomposes_base and not config._from_checkpoint:
+                sharing = [n for n in owners_of_weight.get(id(getattr(base, "weight", None)), []) if n != key]
+                if sharing:
+                    # Turning W into the residual would silently change every module that shares (ties) W.
+                    raise ValueError(
+                        f"LRAConfig.init_weights={config.init_weights!r} cannot decompose {key}: its weight is shared "
+                        f"with {', '.join(sharing)} (tied weights), which would change too. Untie them (e.g. "
+                        "tie_word_embeddings=False when loading the model), exclude the module, or use "
+                        "init_weights=True."
+                    )
                 backend = resolve_quantization_backend(base)
                 if isinstance(backend, ForwardOnlyQuantizationBackend):
                     raise ValueError(

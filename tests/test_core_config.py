@@ -129,3 +129,15 @@ def test_newer_config_keys_load_with_a_warning_naming_them(tmp_path) -> None:
     with pytest.warns(UserWarning, match="future_option"):
         loaded = PeftConfig.from_pretrained(tmp_path)
     assert isinstance(loaded, LRAConfig) and loaded.r == 4
+
+
+def test_principal_on_tied_weights_is_refused_before_any_change() -> None:
+    from conftest import make_gpt2
+
+    base = make_gpt2()
+    head = base.lm_head.weight.clone()
+    with pytest.raises(ValueError, match=r"cannot decompose transformer\.wte: its weight is shared with lm_head"):
+        get_peft_model(base, LRAConfig(r=4, init_weights="principal", target_modules=["wte", "c_attn"]))
+    assert torch.equal(base.lm_head.weight, head)
+    assert not any(isinstance(m, LRALayer) for m in base.modules())
+    get_peft_model(base, LRAConfig(r=4, init_weights=True, target_modules=["wte"]))  # ΔW-only init is fine
