@@ -175,8 +175,15 @@ class _CheckpointWeight:
     key: str
     weight_ref: Any  # weakref to the quantized Parameter this describes: requantizing replaces it
 
+    def __getstate__(self) -> dict:
+        # A weakref cannot be pickled; a copied or unpickled model has new weight objects anyway.
+        return {**self.__dict__, "weight_ref": None}
+
+    def describes(self, weight: Any) -> bool:
+        return self.weight_ref is not None and self.weight_ref() is weight
+
     def load(self, base_layer: nn.Module) -> Optional[torch.Tensor]:
-        if self.weight_ref() is not base_layer.weight:
+        if not self.describes(base_layer.weight):
             return None
         from safetensors import safe_open
 
@@ -187,7 +194,7 @@ class _CheckpointWeight:
 def has_full_precision_source(base_layer: nn.Module) -> bool:
     """Whether `quantized_load` recorded where `base_layer`'s current quantized weight came from."""
     source = getattr(base_layer, _SOURCE_ATTR, None)
-    return source is not None and source.weight_ref() is getattr(base_layer, "weight", None)
+    return source is not None and source.describes(getattr(base_layer, "weight", None))
 
 
 def full_precision_weight(base_layer: nn.Module, backend: QuantizationBackend) -> Optional[torch.Tensor]:

@@ -8,6 +8,7 @@ model itself.
 
 from __future__ import annotations
 
+import pickle
 import warnings
 
 import pytest
@@ -383,6 +384,13 @@ def test_refine_quantized_init_keeps_the_best_iterate():
     assert final == pytest.approx(min(errors), rel=1e-5) and min(errors) < errors[0]
     # iters=0: the plain decomposition comes back untouched.
     assert refine_quantized_init(weight, U, S, V, round_to_grid, 0, "principal")[0] is U
+
+
+def test_a_copied_or_pickled_quantized_model_forgets_the_checkpoint_source(checkpoint):
+    model = quantized_load(AutoModel, checkpoint, bnb_config("int8"))
+    copied = pickle.loads(pickle.dumps(model))  # a weakref inside would make this fail
+    with pytest.warns(UserWarning, match="quantized_load"):
+        get_peft_model(copied, LRAConfig(r=4, target_modules=["query"], init_weights="principal"))
 
 
 @pytest.mark.parametrize("quant", ["int8", "nf4"])
