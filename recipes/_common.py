@@ -194,6 +194,20 @@ def finalize_args(args: argparse.Namespace, defaults: TaskDefaults, argv: Option
                           "with `hf auth login`) or drop --push_to_hub")
 
 
+def _redact_token(argv: Sequence[str]) -> list[str]:
+    """`argv` with the value of --hub_token masked: the command line goes into metrics.json and the model card."""
+    redacted, hide_next = [], False
+    for arg in argv:
+        if hide_next:
+            redacted.append("***")
+        elif arg.startswith("--hub_token="):
+            redacted.append("--hub_token=***")
+        else:
+            redacted.append(arg)
+        hide_next = arg == "--hub_token"
+    return redacted
+
+
 def parse_args(description: str, defaults: TaskDefaults,
                add_task_args: Optional[Callable[[argparse.ArgumentParser], None]] = None,
                argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -204,7 +218,7 @@ def parse_args(description: str, defaults: TaskDefaults,
     args = parser.parse_args(argv)
     global _COMMAND
     script = f"recipes/{Path(sys.argv[0]).name}" if argv is None else "recipes/<task>.py"
-    _COMMAND = "accelerate launch " + shlex.join([script, *(sys.argv[1:] if argv is None else argv)])
+    _COMMAND = "accelerate launch " + shlex.join([script, *_redact_token(sys.argv[1:] if argv is None else argv)])
     finalize_args(args, defaults, argv)
     return args
 
@@ -618,7 +632,9 @@ def make_accelerator(args: argparse.Namespace) -> Any:
 
 def _tracker_config(args: argparse.Namespace) -> dict:
     # TensorBoard's hparams accept only scalars and strings.
-    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()}
+    # The Hub token is a secret: it must not reach the TensorBoard logs.
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()
+            if k != "hub_token"}
 
 
 def train(args: argparse.Namespace, accelerator: Any, model: nn.Module, train_features: list[dict],
