@@ -57,6 +57,15 @@ def _matrix_dims(module: nn.Module, layer_type: str) -> tuple[int, int]:
     return in_features, out_features
 
 
+def _same_factors(layer: LRALayer, adapter_name: str, factors: dict[str, torch.Tensor]) -> bool:
+    """Whether the checkpoint's ΔW₀ factors (attribute name -> tensor) are exactly the layer's current ones."""
+    for attr, tensor in factors.items():
+        current = getattr(layer, attr)[adapter_name]
+        if current.shape != tensor.shape or not torch.equal(current, tensor.to(current)):
+            return False
+    return True
+
+
 def _adapter_names_pre_forward_hook(target: nn.Module, args: Any, kwargs: dict, adapter_names: list[str]) -> Any:
     kwargs["adapter_names"] = adapter_names
     return args, kwargs
@@ -346,20 +355,24 @@ class LRAModel(BaseTuner):
         # Check before anything below, or load_state_dict (which copies what fits, then reports the rest), changes it.
         cls._check_checkpoint_factors(modules, config, adapter_name, remapped)
         pattern = re.compile(rf"^(.*)\.(lra_U0|lra_lambda0|lra_V0)\.{re.escape(adapter_name)}$")
+        incoming: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in remapped.items():
             match = pattern.match(key)
-            if not match or not isinstance(modules.get(match.group(1)), LRALayer):
-                continue
-            layer: LRALayer = modules[match.group(1)]
-            if layer.residual_owner == adapter_name:
-                # This adapter was just initialised by an SVD (its config was not read from a checkpoint): put W back,
-                # so that the checkpoint's own ΔW₀, loaded next, is what gets subtracted.
+            if match and isinstance(modules.get(match.group(1)), LRALayer):
+                incoming.setdefault(match.group(1), {})[match.group(2)] = tensor
+        for layer_name, factors in incoming.items():
+            layer: LRALayer = modules[layer_name]
+            if layer.residual_owner == adapter_name and not _same_factors(layer, adapter_name, factors):
+                # The adapter was just initialised by an SVD (a config not read from a checkpoint): put W back, so
+                # that the checkpoint's own ΔW₀, loaded next, is what the forward subtracts. When the checkpoint's
+                # ΔW₀ is the one already subtracted (resuming the same run), the residual base stays as it is.
                 layer.release_residual()
-            buffers = getattr(layer, match.group(2))
-            current = buffers[adapter_name]
-            if current.shape != tensor.shape:
-                # ΔW₀'s rank is the checkpoint's: it can differ from r (adaptive rank cuts U, λ, V but not ΔW₀).
-                buffers[adapter_name] = torch.zeros(tensor.shape, dtype=current.dtype, device=current.device)
+            for attr, tensor in factors.items():
+                buffers = getattr(layer, attr)
+                current = buffers[adapter_name]
+                if current.shape != tensor.shape:
+                    # ΔW₀'s rank is the checkpoint's: it can differ from r (adaptive rank cuts U, λ, V, not ΔW₀).
+                    buffers[adapter_name] = torch.zeros(tensor.shape, dtype=current.dtype, device=current.device)
         return remapped
 
     # ----------------------------------------------------------------------------------- adaptive rank allocation

@@ -23,6 +23,9 @@ from transformers import (  # noqa: E402
 
 import lra_peft  # noqa: E402,F401  (registers LRA with PEFT)
 
+# Tiny models gain nothing from threads, and oversubscribed threads make small SVDs very slow on a busy machine.
+torch.set_num_threads(1)
+
 VOCAB = 100
 
 

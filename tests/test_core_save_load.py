@@ -171,3 +171,22 @@ def test_loading_with_a_user_built_config_still_exact(tmp_path: Path, input_ids:
     with torch.no_grad():
         out = model(input_ids=input_ids).logits
     torch.testing.assert_close(out, ref["outputs"][0], rtol=1e-5, atol=1e-5)
+
+
+def test_load_adapter_into_the_same_principal_run_keeps_the_residual(tmp_path: Path, input_ids: torch.Tensor) -> None:
+    """Trainer's resume loads a checkpoint into the adapter being trained: the residual base must stay bit-identical."""
+    model = get_peft_model(make_bert_seq_cls(), LRAConfig(r=4, target_modules=TARGETS, init_weights="principal",
+                                                          task_type="SEQ_CLS"))
+    _train_like(model, seed=0)
+    model.save_pretrained(tmp_path / "ckpt")
+    residual = {n: m.get_base_layer().weight.clone() for n, m in model.named_modules() if isinstance(m, LRALayer)}
+    model.eval()
+    with torch.no_grad():
+        before = model(input_ids=input_ids).logits
+    model.load_adapter(tmp_path / "ckpt", adapter_name="default", is_trainable=True)
+    for name, module in model.named_modules():
+        if isinstance(module, LRALayer):
+            assert module.residual_owner == "default"
+            assert torch.equal(module.get_base_layer().weight, residual[name])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=input_ids).logits, before)
