@@ -151,7 +151,9 @@ class LRAModel(BaseTuner):
             r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), key), config.r)
             in_features, out_features = _matrix_dims(base, layer_type)
             if config.decomposes_base and not config._from_checkpoint:
-                sharing = [n for n in owners_of_weight.get(id(getattr(base, "weight", None)), []) if n != key]
+                # The base layer of an already adapted module (`key.base_layer`) is that module itself, not a tie.
+                sharing = [n for n in owners_of_weight.get(id(getattr(base, "weight", None)), [])
+                           if n != key and not n.startswith(f"{key}.base_layer")]
                 if sharing:
                     # Turning W into the residual would silently change every module that shares (ties) W.
                     raise ValueError(

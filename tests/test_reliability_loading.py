@@ -389,3 +389,21 @@ def test_save_and_load_round_trip_still_exact(saved: dict, input_ids: torch.Tens
         assert rel_err(model(input_ids=input_ids).logits, saved["logits"]) <= 1e-5
         model.set_adapter("again")
         assert rel_err(model(input_ids=input_ids).logits, saved["logits"]) <= 1e-5
+
+
+@pytest.mark.parametrize("damage", ["config", "weights"])
+def test_cli_reports_a_damaged_adapter_in_one_line_naming_the_file(saved: dict, tmp_path: Path, damage: str,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    from lra_peft.cli import main
+
+    bad = _copy(saved["path"], tmp_path / "bad")
+    broken = bad / ("adapter_config.json" if damage == "config" else "adapter_model.safetensors")
+    if damage == "config":
+        broken.write_text('{"peft_type": "LRA", ')
+    else:
+        _damage(broken, "truncated")
+    for command in (["inspect", str(bad)], ["export-lora", str(bad), str(tmp_path / "lora")]):
+        assert main(command) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(broken) in err, err
+    assert not (tmp_path / "lora").exists()

@@ -138,3 +138,14 @@ def test_other_peft_methods_keep_peft_behaviour(tmp_path: Path, monkeypatch: pyt
     with pytest.raises(SimulatedCrash):
         lora.save_pretrained(tmp_path / "lora")
     assert Path(written[0]).parent == tmp_path / "lora"  # PEFT's own in-place write: lra-peft leaves LoRA alone
+
+
+def test_pickle_save_warns_and_is_then_refused_without_opt_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lra_peft import AdapterFileError
+
+    monkeypatch.delenv("LRA_PEFT_ALLOW_BIN", raising=False)
+    with pytest.warns(UserWarning, match="LRA_PEFT_ALLOW_BIN"):
+        _model(seed=1).save_pretrained(tmp_path / "bin", safe_serialization=False)
+    assert (tmp_path / "bin" / "adapter_model.bin").is_file()
+    with pytest.raises(AdapterFileError, match="pickle"):
+        PeftModel.from_pretrained(make_bert_seq_cls(), tmp_path / "bin")
