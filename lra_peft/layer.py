@@ -79,6 +79,10 @@ class LRALayer(BaseTunerLayer):
         """s · U · diag(λ) · Vᵀ applied to the input `x` (in the base layer's own way)."""
         raise NotImplementedError
 
+    def _v_storage(self, V: torch.Tensor) -> torch.Tensor:
+        """V (in × r) in the memory layout that `_lowrank` reads fastest; shape and values unchanged."""
+        return V
+
     # ------------------------------------------------------------------------------------------ creating adapters
     def update_layer(
         self, adapter_name: str, r: int, lra_alpha: float, config: LRAConfig, inference_mode: bool = False
@@ -100,7 +104,7 @@ class LRALayer(BaseTunerLayer):
             lam = torch.zeros(r) if config.init_weights is not False else torch.randn(r)
         self.lra_U[adapter_name] = nn.Parameter(U)
         self.lra_lambda[adapter_name] = nn.Parameter(lam)
-        self.lra_V[adapter_name] = nn.Parameter(V)
+        self.lra_V[adapter_name] = nn.Parameter(self._v_storage(V))
         if config.decomposes_base:
             # A restored adapter gets zeros here, overwritten by the checkpoint's ΔW₀ factors on load.
             self.lra_U0[adapter_name] = U.detach().clone() if decompose else torch.zeros_like(U)
@@ -410,11 +414,17 @@ class Linear(_LRAModule):
     def _from_matrix(self, matrix: torch.Tensor) -> torch.Tensor:
         return matrix.T if self.fan_in_fan_out else matrix
 
+    def _v_storage(self, V: torch.Tensor) -> torch.Tensor:
+        # V keeps its in × r shape but is stored as r × in (a transposed view), so that x·V below is the same GEMM as
+        # LoRA's lora_A (x·Aᵀ with A row-major r × in). For small r, BLAS runs x·V with V row-major up to ~1.4× slower
+        # on CPU (benchmarks/hotpath.py). A V loaded or resized into row-major storage stays correct, just slower.
+        return V.T.contiguous().T
+
     def _lowrank(
         self, x: torch.Tensor, U: torch.Tensor, lam: torch.Tensor, V: torch.Tensor, scale: float
     ) -> torch.Tensor:
         # Scaling the r-wide hidden vector is cheaper than scaling the out-wide result (as LoRA does).
-        return F.linear(torch.matmul(x, V) * (lam * scale), U)
+        return F.linear(F.linear(x, V.T) * (lam * scale), U)
 
 
 class Embedding(_LRAModule):
