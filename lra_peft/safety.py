@@ -56,6 +56,10 @@ class AdapterFileError(ValueError):
     """An adapter file that cannot be used: malformed, truncated, corrupted, or a pickle file not opted into."""
 
 
+class AdapterFileNotFoundError(AdapterFileError, FileNotFoundError):
+    """A file an adapter folder needs is missing. Also a `ValueError`, which is what PEFT raises for this."""
+
+
 def bin_allowed() -> bool:
     """True when the user opted into reading pickle (`adapter_model.bin`) adapters with `LRA_PEFT_ALLOW_BIN=1`."""
     return os.environ.get(ALLOW_BIN_ENV, "").strip().lower() in ("1", "true", "yes")
@@ -138,7 +142,7 @@ def _check_local_adapter(folder: Path) -> dict:
     config_file = folder / CONFIG_NAME
     if not config_file.is_file():
         present = sorted(p.name for p in folder.iterdir())[:10]
-        raise FileNotFoundError(
+        raise AdapterFileNotFoundError(
             f"{config_file} does not exist, so {folder} is not a saved PEFT adapter (it holds: "
             f"{', '.join(present) or 'nothing'}). Pass the folder that PeftModel.save_pretrained wrote."
         )
@@ -149,7 +153,8 @@ def _check_local_lra_weights(folder: Path) -> None:
     """Refuse a pickle-only or damaged LRA adapter folder before anything is changed."""
     weights = find_weights_file(folder)
     if weights is None:
-        raise FileNotFoundError(f"{folder} has {CONFIG_NAME} but no {SAFETENSORS_NAME}; save the adapter again")
+        raise AdapterFileNotFoundError(f"{folder} has {CONFIG_NAME} but no {SAFETENSORS_NAME}; save the adapter "
+                                       "again")
     if weights.name == BIN_NAME and not bin_allowed():
         raise _bin_refused(weights)
     if weights.name == SAFETENSORS_NAME:

@@ -146,7 +146,15 @@ def test_missing_adapter_config_names_the_file(saved: dict, tmp_path: Path) -> N
     (bad / "adapter_config.json").unlink()
     base = make_bert_seq_cls()
     before = record(base)
-    with pytest.raises(FileNotFoundError, match=re.escape(str(bad / "adapter_config.json")) + ".*not a saved PEFT"):
+    pattern = re.escape(str(bad / "adapter_config.json")) + ".*not a saved PEFT"
+    with pytest.raises(FileNotFoundError, match=pattern):
+        PeftModel.from_pretrained(base, bad)
+    with pytest.raises(ValueError, match=pattern):  # also what PEFT raises here, for code that catches that
+        PeftModel.from_pretrained(base, bad)
+    assert_unchanged(base, before)
+    (bad / "adapter_config.json").write_text((saved["path"] / "adapter_config.json").read_text())
+    (bad / "adapter_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"has adapter_config\.json but no adapter_model\.safetensors"):
         PeftModel.from_pretrained(base, bad)
     assert_unchanged(base, before)
     with pytest.raises(ValueError, match="adapter_config.json"):
