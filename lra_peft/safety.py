@@ -181,6 +181,9 @@ def _peek_is_lra(model_id: Any, hub_kwargs: dict) -> bool:
 
 
 # --------------------------------------------------------------------------------------------- undoing a load
+_MISSING = object()
+
+
 def _is_container(value: Any) -> bool:
     return type(value) in (dict, OrderedDict, list, set)
 
@@ -232,15 +235,12 @@ class RestorePoint:
         if self._config is not None:
             config, attrs = self._config
             for key in [k for k in vars(config) if k not in attrs]:
-                delattr(config, key)
+                del config.__dict__[key]
             for key, value in attrs.items():
                 config.__dict__[key] = value
         with torch.no_grad():
             for tensor, saved in self._values:
                 tensor.copy_(saved)
-
-
-_MISSING = object()
 
 
 @contextmanager
