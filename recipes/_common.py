@@ -683,6 +683,14 @@ def train(args: argparse.Namespace, accelerator: Any, model: nn.Module, train_fe
         loss_sum, loss_count = progress["loss_sum"], progress["loss_count"]
         train_time, samples_seen = progress["train_time"], progress["samples_seen"]
 
+    def validate(epoch: int) -> None:
+        metrics, _ = evaluate(accelerator.unwrap_model(model), "validation")
+        accelerator.print(f"epoch {epoch} (step {completed}) validation: "
+                          + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+        history.append({"epoch": epoch, "step": completed, **metrics})
+        if args.with_tracking:
+            accelerator.log({f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=completed)
+
     bar = tqdm(total=schedule.max_train_steps, initial=completed, disable=not accelerator.is_local_main_process,
                desc=f"{task} ({args.method})")
     try:
@@ -738,17 +746,13 @@ def train(args: argparse.Namespace, accelerator: Any, model: nn.Module, train_fe
                 if completed >= schedule.max_train_steps:
                     break
             train_time += time.perf_counter() - tick
-            metrics, _ = evaluate(accelerator.unwrap_model(model), "validation")
-            accelerator.print(f"epoch {epoch} (step {completed}) validation: "
-                              + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
-            metrics = {"epoch": epoch, "step": completed, **metrics}
-            history.append(metrics)
-            if args.with_tracking:
-                accelerator.log({f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=completed)
+            validate(epoch)
             if args.checkpointing_steps == "epoch":
                 save_checkpoint(accelerator, output_dir, dict(
                     completed_steps=completed, epoch=epoch + 1, batches_in_epoch=0, history=history, loss_sum=loss_sum,
                     loss_count=loss_count, train_time=train_time, samples_seen=samples_seen))
+        if not history or history[-1]["step"] != completed:
+            validate(epoch)  # resumed from a checkpoint taken at the very last step
     finally:
         bar.close()  # ends the bar's line, so that an error message starts on its own
     return TrainResult(history=history, train_loss=loss_sum / max(1, loss_count), train_runtime_s=train_time,
