@@ -637,6 +637,13 @@ def _tracker_config(args: argparse.Namespace) -> dict:
             if k != "hub_token"}
 
 
+def _resume_key(args: argparse.Namespace, accelerator: Any) -> dict:
+    """The settings a checkpoint is only valid for: they fix the model's shape and which batches were seen."""
+    keys = ("method", "r", "target_modules", "model_name_or_path", "per_device_train_batch_size",
+            "gradient_accumulation_steps", "seed", "max_train_samples", "group_by_length", "max_length")
+    return {**{k: getattr(args, k) for k in keys}, "num_processes": accelerator.num_processes}
+
+
 def train(args: argparse.Namespace, accelerator: Any, model: nn.Module, train_features: list[dict],
           collate_fn: Callable, evaluate: EvalFn, schedule: Schedule, task: str,
           compute_loss: LossFn = default_loss) -> TrainResult:
@@ -672,12 +679,23 @@ def train(args: argparse.Namespace, accelerator: Any, model: nn.Module, train_fe
         accelerator.init_trackers(task, _tracker_config(args))
 
     completed, start_epoch, skip, history = 0, 0, 0, []
+    run_key = _resume_key(args, accelerator)
     loss_sum, loss_count, train_time, samples_seen = 0.0, 0, 0.0, 0
     if args.resume_from_checkpoint is not None:
         checkpoint = find_checkpoint(args.resume_from_checkpoint, output_dir)
         accelerator.print(f"Resuming from {checkpoint}")
-        accelerator.load_state(str(checkpoint))
         progress = json.loads((checkpoint / PROGRESS_FILE).read_text())
+        changed = {k: (v, progress["run"][k]) for k, v in _resume_key(args, accelerator).items()
+                   if progress.get("run", {}).get(k, v) != v}
+        if changed:
+            raise RecipeError(f"--resume_from_checkpoint {checkpoint}: it was written by a run with other settings "
+                              + ", ".join(f"{k}={old!r} (now {new!r})" for k, (new, old) in changed.items())
+                              + "; resume with the same flags and process count, or start a new --output_dir")
+        try:
+            accelerator.load_state(str(checkpoint))
+        except (RuntimeError, KeyError, FileNotFoundError, ValueError) as exc:
+            raise RecipeError(f"--resume_from_checkpoint {checkpoint}: could not load it into this model "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]})") from None
         completed, start_epoch, skip = progress["completed_steps"], progress["epoch"], progress["batches_in_epoch"]
         history = progress["history"]
         loss_sum, loss_count = progress["loss_sum"], progress["loss_count"]
@@ -741,7 +759,7 @@ def train(args: argparse.Namespace, accelerator: Any, model: nn.Module, train_fe
                     train_time += time.perf_counter() - tick
                     tick = time.perf_counter()
                     save_checkpoint(accelerator, output_dir, dict(
-                        completed_steps=completed, epoch=epoch, batches_in_epoch=seen, history=history,
+                        completed_steps=completed, epoch=epoch, batches_in_epoch=seen, history=history, run=run_key,
                         loss_sum=loss_sum, loss_count=loss_count, train_time=train_time, samples_seen=samples_seen))
                 if completed >= schedule.max_train_steps:
                     break
@@ -749,7 +767,7 @@ def train(args: argparse.Namespace, accelerator: Any, model: nn.Module, train_fe
             validate(epoch)
             if args.checkpointing_steps == "epoch":
                 save_checkpoint(accelerator, output_dir, dict(
-                    completed_steps=completed, epoch=epoch + 1, batches_in_epoch=0, history=history, loss_sum=loss_sum,
+                    completed_steps=completed, epoch=epoch + 1, batches_in_epoch=0, history=history, run=run_key, loss_sum=loss_sum,
                     loss_count=loss_count, train_time=train_time, samples_seen=samples_seen))
         if not history or history[-1]["step"] != completed:
             validate(epoch)  # resumed from a checkpoint taken at the very last step

@@ -378,6 +378,12 @@ def test_resumed_run_ends_with_the_same_adapter_as_an_uninterrupted_one(tiny_mod
     assert f["test_f1"] == r["test_f1"] and f["train_steps"] == r["train_steps"] == 20
     assert len(r["history"]) == 2
 
+    # A checkpoint only fits the run that wrote it: other batches would make "skip what was seen" wrong.
+    other = small(tiny_model, data, tmp_path / "other", "--num_train_epochs", "2", "--per_device_train_batch_size", "2",
+                  "--resume_from_checkpoint", str(full / "step_3"))
+    proc = run_recipe("ner.py", *other, check=False)
+    assert_clean_error(proc, "per_device_train_batch_size=4 (now 2)")
+
 
 # --------------------------------------------------------------------------------------------------- bad input
 def test_missing_data_folder_says_where_it_looked_and_how_to_fix_it(tiny_model, tmp_path):
