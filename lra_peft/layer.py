@@ -385,13 +385,6 @@ class _LRAModule(nn.Module, LRALayer):
     # nn.Module comes first so that its __init__/__setattr__ govern; take LRALayer's forward over nn.Module's stub.
     forward = LRALayer.forward
 
-    def __repr__(self) -> str:
-        return "lra." + nn.Module.__repr__(self)
-
-
-class Linear(_LRAModule):
-    """LRA on `nn.Linear`, Transformers' `Conv1D` (`fan_in_fan_out=True`) and bitsandbytes 8/4-bit linear layers."""
-
     def __init__(
         self,
         base_layer: nn.Module,
@@ -404,9 +397,16 @@ class Linear(_LRAModule):
     ) -> None:
         super().__init__()
         LRALayer.__init__(self, base_layer, **kwargs)
-        self.fan_in_fan_out = fan_in_fan_out
+        self.fan_in_fan_out = fan_in_fan_out  # only Linear reads it (GPT-2's Conv1D stores W as in × out)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lra_alpha, config)
+
+    def __repr__(self) -> str:
+        return "lra." + nn.Module.__repr__(self)
+
+
+class Linear(_LRAModule):
+    """LRA on `nn.Linear`, Transformers' `Conv1D` (`fan_in_fan_out=True`) and bitsandbytes 8/4-bit linear layers."""
 
     def _to_matrix(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.T if self.fan_in_fan_out else weight
@@ -429,14 +429,6 @@ class Linear(_LRAModule):
 
 class Embedding(_LRAModule):
     """LRA on `nn.Embedding`: the matrix view is Wᵀ (embedding_dim × num_embeddings), as in PEFT's LoRA."""
-
-    def __init__(
-        self, base_layer: nn.Module, adapter_name: str, r: int, lra_alpha: float, config: LRAConfig, **kwargs: Any
-    ) -> None:
-        super().__init__()
-        LRALayer.__init__(self, base_layer, **kwargs)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, r, lra_alpha, config)
 
     def _matrix_shape(self) -> tuple[int, int]:
         base = self.get_base_layer()
@@ -463,14 +455,6 @@ class Embedding(_LRAModule):
 
 class Conv2d(_LRAModule):
     """LRA on `nn.Conv2d` (groups=1): V is a conv to r channels, U a 1×1 conv back to out_channels."""
-
-    def __init__(
-        self, base_layer: nn.Module, adapter_name: str, r: int, lra_alpha: float, config: LRAConfig, **kwargs: Any
-    ) -> None:
-        super().__init__()
-        LRALayer.__init__(self, base_layer, **kwargs)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, r, lra_alpha, config)
 
     def _matrix_shape(self) -> tuple[int, int]:
         base = self.get_base_layer()
