@@ -3,7 +3,8 @@
     accelerate launch recipes/recommend.py                # MiniLM + LRA r=8, ../shared/data/movielens-small
 
 The model reads a user's profile as text (their most recent liked titles and the genres those share) and a candidate
-movie as text (title and genres), embeds both with the same encoder (mean pooling, as MiniLM was trained) and scores a
+movie as text (title, genres and, unless --no-popularity_in_text, its popularity decile in the training period),
+embeds both with the same encoder (mean pooling, as MiniLM was trained) and scores a
 like by the cosine of the two, scaled by 1/--temperature. Training: for each liked movie of the training period, a
 softmax over it and --train_negatives movies the user had not rated by then.
 
@@ -17,6 +18,7 @@ validation like's time, so nothing from the user's future reaches training. Each
 from __future__ import annotations
 
 import argparse
+import bisect
 import csv
 import random
 import time
@@ -47,6 +49,8 @@ def add_task_args(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--temperature", type=float, default=0.05, help="Scores are cosine / temperature.")
     group.add_argument("--item_max_length", type=int, default=32, help="Token limit of a movie's text.")
     group.add_argument("--split_seed", type=int, default=42, help="Seed of the negative sampling of the split.")
+    group.add_argument("--popularity_in_text", action=argparse.BooleanOptionalAction, default=True,
+                       help="Add the movie's training-period popularity decile to its text ('Popularity: 7/10').")
 
 
 # --------------------------------------------------------------------------------------------------------- data
@@ -179,8 +183,19 @@ def leave_last_out(ratings: Sequence[Rating], movies: dict[int, Movie], threshol
     return split
 
 
-def movie_text(movie: Movie) -> str:
-    return f"{movie.title}. Genres: {', '.join(movie.genres) or 'unknown'}."
+def popularity_levels(popularity: Counter, catalog: Sequence[int]) -> dict[int, int]:
+    """Decile 1-10 of each movie's training-period rating count among all movies (unrated movies: 1)."""
+    counts = sorted(popularity[i] for i in catalog)
+    levels = {}
+    for item in catalog:
+        below = bisect.bisect_left(counts, popularity[item])  # movies with strictly fewer ratings
+        levels[item] = 1 + min(9, 10 * below // len(counts))
+    return levels
+
+
+def movie_text(movie: Movie, popularity_level: Optional[int] = None) -> str:
+    text = f"{movie.title}. Genres: {', '.join(movie.genres) or 'unknown'}."
+    return text if popularity_level is None else f"{text} Popularity: {popularity_level}/10."
 
 
 def profile_text(items: list[int], movies: dict[int, Movie]) -> str:
@@ -304,7 +319,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     eval_items = sorted({i for cases in (split.validation, split.test) for c in cases for i in (c.positive, *c.negatives)})
     needed = sorted({i for e in split.train for i in (e.target, *e.negatives)} | set(eval_items))
-    item_ids = dict(zip(needed, encode([movie_text(movies[i]) for i in needed], args.item_max_length)))
+    levels = popularity_levels(split.popularity, sorted(movies)) if args.popularity_in_text else {}
+    item_ids = dict(zip(needed, encode([movie_text(movies[i], levels.get(i)) for i in needed], args.item_max_length)))
     train_profiles = encode([profile_text(e.profile, movies) for e in split.train], args.max_length)
     train_features = [{"profile": p, "items": [item_ids[e.target]] + [item_ids[n] for n in e.negatives],
                        "length": len(p) + sum(len(item_ids[i]) for i in (e.target, *e.negatives))}
@@ -365,7 +381,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         "    hidden = model(**batch).last_hidden_state\n    mask = batch['attention_mask'].unsqueeze(-1)\n"
         "    return F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)\n\n"
         'user = embed(["Genres liked: Comedy, Drama. Recently liked: Toy Story (1995); Heat (1995)."])\n'
-        'movies = embed(["Jumanji (1995). Genres: Adventure, Children, Fantasy."])\n'
+        f'movies = embed(["{movie_text(Movie("Jumanji (1995)", ["Adventure", "Children", "Fantasy"]), 8 if levels else None)}"])\n'
         "scores = user @ movies.T  # higher = more likely to be liked"
     )
     C.save_outputs(args, accelerator, model, tokenizer, result, C.RunOutputs(

@@ -339,8 +339,13 @@ def test_recommend_split_leaks_nothing_from_the_future(tmp_path):
         assert not past & set(example.negatives)
     for user, events in split.train_events.items():
         assert all(r.timestamp < split.cutoff[user] for r in events)
-    # Popularity counts only training-period events.
+    # Popularity (the baseline, and the decile in a movie's text) counts only training-period events.
     assert sum(split.popularity.values()) == sum(len(e) for e in split.train_events.values())
+    levels = recommend.popularity_levels(split.popularity, sorted(movies))
+    assert set(levels.values()) <= set(range(1, 11)) and levels.keys() == movies.keys()
+    by_count = sorted(movies, key=lambda i: split.popularity[i])
+    assert all(levels[a] <= levels[b] for a, b in zip(by_count, by_count[1:]))
+    assert "Popularity: 3/10." in recommend.movie_text(movies[1], 3)
 
 
 # --------------------------------------------------------------------------------- multi-process and resuming
