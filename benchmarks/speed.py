@@ -145,10 +145,12 @@ def train_step_fn(model: nn.Module, method: str, batch: dict[str, torch.Tensor])
         loss = model(**batch).loss
         loss.backward()
         optimizer.step()
-        if method in ADAPTIVE:
-            model.base_model.update_and_allocate(state["step"])
-        optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
+        if method in ADAPTIVE:
+            # Each library's own convention: LRA counts optimizer steps taken (1 after the first), PEFT's AdaLoRA
+            # examples pass the 0-based loop index.
+            model.base_model.update_and_allocate(state["step"] if method == "lra-adaptive" else state["step"] - 1)
+        optimizer.zero_grad(set_to_none=True)
 
     return step
 
