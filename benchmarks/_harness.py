@@ -154,8 +154,20 @@ def spread(values: Sequence[float]) -> float:
 
 
 def peak_rss_mib() -> float:
-    """Peak resident set size of this process so far (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident set size of this process's own memory so far, in MiB.
+
+    On Linux this is VmHWM from /proc/self/status: `getrusage(RUSAGE_SELF).ru_maxrss` also counts, across fork + exec,
+    the peak of the parent process that started this one (a benchmark parent holding several models would set every
+    worker's number). Elsewhere it falls back to ru_maxrss (KiB on Linux, bytes on macOS).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss / 1024**2 if platform.system() == "Darwin" else maxrss / 1024
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

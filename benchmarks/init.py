@@ -26,6 +26,8 @@ import argparse
 import sys
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -70,10 +72,34 @@ def test_matrix(out_features: int, in_features: int, seed: int = 0, spikes: int 
     return bulk + (u * sigma) @ v.T
 
 
+def previous_exact_svd(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """lra_peft's exact SVD before it moved to the tall side: `torch.linalg.svd` of W as stored."""
+    return torch.linalg.svd(w, full_matrices=False)
+
+
+def previous_randomized_svd(w: torch.Tensor, r: int, niter: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """lra_peft's randomized SVD before the block Krylov one: `torch.svd_lowrank` with 10 oversampled columns."""
+    u, s, v = torch.svd_lowrank(w, q=min(r + 10, min(w.shape)), niter=niter)
+    return u[:, :r].contiguous(), s[:r].contiguous(), v[:, :r].contiguous()
+
+
+@contextmanager
+def previous_decomposition() -> Iterator[None]:
+    """Run lra_peft's `"principal"` initialisation with the SVD code it had before this benchmark's changes."""
+    from lra_peft import decomposition
+
+    saved = decomposition.exact_svd, decomposition.randomized_top_svd
+    decomposition.exact_svd, decomposition.randomized_top_svd = previous_exact_svd, previous_randomized_svd
+    try:
+        yield
+    finally:
+        decomposition.exact_svd, decomposition.randomized_top_svd = saved
+
+
 def peft_config(impl: str, r: int, niter: int | None):
     from peft import LoraConfig
 
-    if impl == "lra":
+    if impl in ("lra", "previous"):
         return lra_peft.LRAConfig(r=r, target_modules=["lin"], init_weights="principal", svd_niter=niter)
     init = "pissa" if niter is None else f"pissa_niter_{niter}"
     return LoraConfig(r=r, lora_alpha=r, target_modules=["lin"], init_lora_weights=init)
@@ -86,7 +112,7 @@ def initialise(impl: str, weight: torch.Tensor, r: int, niter: int | None, seed:
     module = SingleLinear(weight)
     config = peft_config(impl, r, niter)
     torch.manual_seed(seed)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), previous_decomposition() if impl == "previous" else nullcontext():
         warnings.simplefilter("ignore")
         cpu_start, wall_start = time.process_time(), time.perf_counter()
         model = get_peft_model(module, config)
@@ -113,10 +139,11 @@ def reference_truncation(weight: torch.Tensor, ranks: list[int]) -> dict[int, to
 
 
 def _median_error(errs: dict[str, list[tuple[float, ...]]], index: int) -> str:
-    return " / ".join(f"{median([e[index] for e in errs[impl]]):.1e}" for impl in ("lra", "peft"))
+    return " / ".join(f"{median([e[index] for e in values]):.1e}" for values in errs.values())
 
 
-def run(sizes: list[tuple[int, int]], ranks: list[int], niters: list[int | None], rounds_for) -> list[list[str]]:
+def run(sizes: list[tuple[int, int]], ranks: list[int], niters: list[int | None], rounds_for,
+        impls: list[str]) -> list[list[str]]:
     rows = []
     for out_features, in_features in sizes:
         weight = test_matrix(out_features, in_features)
@@ -124,12 +151,12 @@ def run(sizes: list[tuple[int, int]], ranks: list[int], niters: list[int | None]
         for r in ranks:
             for niter in niters:
                 rounds = rounds_for(out_features * in_features, niter)
-                wall: dict[str, list[float]] = {"lra": [], "peft": []}
-                cpu: dict[str, list[float]] = {"lra": [], "peft": []}
-                errs: dict[str, list[tuple[float, float, float]]] = {"lra": [], "peft": []}
+                wall: dict[str, list[float]] = {impl: [] for impl in impls}
+                cpu: dict[str, list[float]] = {impl: [] for impl in impls}
+                errs: dict[str, list[tuple[float, float, float]]] = {impl: [] for impl in impls}
                 for round_index in range(rounds):
-                    order = ["lra", "peft"] if round_index % 2 == 0 else ["peft", "lra"]
-                    for impl in order:
+                    shift = round_index % len(impls)
+                    for impl in impls[shift:] + impls[:shift]:
                         seconds, cpu_seconds, model = initialise(impl, weight, r, niter, seed=round_index)
                         wall[impl].append(seconds)
                         cpu[impl].append(cpu_seconds)
@@ -145,9 +172,11 @@ def run(sizes: list[tuple[int, int]], ranks: list[int], niters: list[int | None]
                     fmt(median(wall["peft"]), 3),
                     fmt(paired_ratio(wall, "lra", "peft"), 2),
                     fmt(paired_ratio(cpu, "lra", "peft"), 2),
+                    *([fmt(median(wall["previous"]), 3), fmt(paired_ratio(cpu, "previous", "peft"), 2)]
+                      if "previous" in impls else []),
                     _median_error(errs, 0),
                     _median_error(errs, 1),
-                    f"{max(e[2] for e in errs['lra']):.0e} / {max(e[2] for e in errs['peft']):.0e}",
+                    " / ".join(f"{max(e[2] for e in values):.0e}" for values in errs.values()),
                 ])
                 print(" | ".join(str(c) for c in rows[-1]), flush=True)
     return rows
@@ -160,6 +189,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--ranks", default=None, help="comma list, default 16,64")
     parser.add_argument("--niters", default="exact,2,4,16", help="comma list of 'exact' and power-iteration counts")
     parser.add_argument("--rounds", type=int, default=None, help="rounds for every size (default: fewer for big)")
+    parser.add_argument("--with-previous", action="store_true",
+                        help="also time lra_peft's SVD code from before this benchmark's changes (oversampled "
+                             "svd_lowrank, SVD of W as stored)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -184,10 +216,13 @@ def main(argv: list[str] | None = None) -> str:
         return 6
 
     load = LoadRecorder()
-    rows = run(sizes, ranks, niters, rounds_for)
+    impls = ["lra", "peft", "previous"] if args.with_previous else ["lra", "peft"]
+    rows = run(sizes, ranks, niters, rounds_for, impls)
     load.stop()
+    names = " / ".join({"lra": "LRA", "peft": "PEFT", "previous": "prev"}[impl] for impl in impls)
+    previous = ["prev LRA s", "prev / PEFT (CPU)"] if args.with_previous else []
     headers = ["W (out×in)", "r", "SVD", "rounds", "LRA s", "PEFT PiSSA s", "LRA / PEFT (wall)", "LRA / PEFT (CPU)",
-               "rank-r err LRA / PEFT", "excess LRA / PEFT", "identity err LRA / PEFT"]
+               *previous, f"rank-r err {names}", f"excess {names}", f"identity err {names}"]
     text = "\n".join([
         "# Principal (PiSSA) initialisation: LRA vs PEFT",
         "",
@@ -202,6 +237,9 @@ def main(argv: list[str] | None = None) -> str:
         "‖W − ΔW₀‖_F / ‖W − W_r‖_F − 1 (both medians over rounds); identity err: max over rounds of "
         "‖W_res + ΔW₀ − W‖_F / ‖W‖_F.",
         "- W = G/√in + Σ_{i≤128} 10·i^(-0.6) u_i v_iᵀ (Gaussian bulk plus decaying spikes), seed 0.",
+        *(["- prev: lra_peft's SVD code before the benchmark-driven changes (randomized: `torch.svd_lowrank` with "
+           "q = r + 10; exact: `torch.linalg.svd` of W as stored), run in the same rounds."] if args.with_previous
+          else []),
         "",
         markdown_table(headers, rows),
     ])

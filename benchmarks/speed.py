@@ -4,7 +4,7 @@ For every model: the median time of a training step (forward, backward, AdamW st
 adaptive methods), of unmerged inference and of merged inference (`merge_adapter()`, PEFT wrappers kept), plus the base
 model's inference time. Methods are interleaved round by round (A B C, B C A, …); ratios are the median over rounds
 of the per-round ratio, so that slow phases of a shared machine hit both sides of a ratio alike. Peak memory is the peak
-RSS (`resource.getrusage`) of a fresh subprocess per method.
+RSS (VmHWM, see `_harness.peak_rss_mib`) of a fresh subprocess per method.
 
     .venv/bin/python benchmarks/speed.py            # full: MiniLM + random 1024-wide BERT, writes results/speed.md
     .venv/bin/python benchmarks/speed.py --quick    # tiny random models, a few rounds (seconds)
@@ -315,9 +315,10 @@ def method_notes(r: int) -> list[str]:
         "- Times: wall clock, median over rounds. × LoRA / × base: median over rounds of the ratio within a round, "
         "from wall-clock time and from the process's CPU time (with one torch thread the CPU time leaves out the time "
         "spent waiting for other processes, so its ratios are the less noisy ones on a shared machine).",
-        "- Peak RSS: `resource.getrusage(RUSAGE_SELF).ru_maxrss` of a fresh Python process per method that builds the "
-        "model, wraps it, runs training steps and then inference passes (base row: builds the model and runs "
-        "inference passes only). It includes the interpreter, torch and the model weights.",
+        "- Peak RSS: the peak resident set size (VmHWM in /proc/self/status; `getrusage`'s ru_maxrss would carry the "
+        "parent's peak across fork + exec) of a fresh Python process per method that builds the model, wraps it, "
+        "runs training steps and then inference passes (base row: builds the model and runs inference passes only). "
+        "It includes the interpreter, torch and the model weights.",
     ]
 
 
