@@ -121,8 +121,9 @@ def build_parser(description: str, defaults: TaskDefaults) -> argparse.ArgumentP
     model.add_argument("--r", type=int, default=8, help="Rank (VeRA: default 256 when --r is not given).")
     model.add_argument("--lra_alpha", type=float, default=None,
                        help="Scale numerator (LRA's lra_alpha, LoRA's lora_alpha); default r, i.e. scale 1.")
-    model.add_argument("--init_weights", type=_parse_init_weights, default=True,
-                       help="LRA initialisation: true (ΔW=0), false, principal (PiSSA) or minor.")
+    model.add_argument("--init_weights", type=_parse_init_weights, default="principal",
+                       help="LRA initialisation: principal (PiSSA: U, λ, V = top-r SVD of W, base = residual), true "
+                            "(ΔW=0), false, or minor.")
     model.add_argument("--target_modules", type=_parse_target_modules, default=["query", "key", "value", "dense"],
                        help="Comma-separated module names, or all-linear.")
     model.add_argument("--target_r", type=int, default=None,

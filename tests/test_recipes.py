@@ -10,6 +10,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -231,8 +232,7 @@ def test_ner_two_column_folder_trains_and_saves_a_loadable_adapter(tiny_model, t
         label2id={label: i for i, label in enumerate(labels)})
     saved = adapter(out)
     state = model.state_dict()
-    loaded = {k: state[k.replace("lra_U", "lra_U.default").replace("lra_V", "lra_V.default")
-                        .replace("lra_lambda", "lra_lambda.default")] for k in saved if "lra_" in k}
+    loaded = {k: state[re.sub(r"\.(lra_\w+)$", r".\1.default", k)] for k in saved if ".lra_" in k}
     assert loaded and all(torch.equal(loaded[k], saved[k]) for k in loaded)
 
 
