@@ -44,7 +44,8 @@ def exact_svd(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     """`torch.linalg.svd(w, full_matrices=False)`, computed on the tall side.
 
     LAPACK works on column-major matrices: the transpose of a wide row-major `w` is a tall column-major one it takes
-    without a copy, and on CPU its SVD runs ~1.8× faster than that of `w` itself (1024 × 2816 fp32, one thread).
+    without a copy, and on CPU its SVD runs about twice as fast as that of `w` itself (4096 × 11008 fp32, one thread:
+    benchmarks/results/init_4096x11008.md).
     """
     if w.shape[0] < w.shape[1]:
         v, s, uh = torch.linalg.svd(w.T, full_matrices=False)
