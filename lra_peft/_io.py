@@ -29,6 +29,36 @@ TOKENIZER_FILES = (
 )
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def make_temp_dir(parent: Path, name: str) -> Path:
+    """A hidden temporary folder in `parent`, with the permissions a plain mkdir would give (mkdtemp's are 0700,
+    which would make a published adapter folder private to its writer once renamed into place)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
+def make_temp_file(parent: Path, name: str) -> tuple[int, str]:
+    """Like `tempfile.mkstemp` in `parent`, with the permissions a plain open() would give (not mkstemp's 0600)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-", dir=parent)
+    os.chmod(tmp, 0o666 & ~_umask())
+    return fd, tmp
+
+
+def normalize_permissions(folder: Path) -> None:
+    """Give `folder` and everything in it the permissions plain mkdir/open would (some writers, like safetensors and
+    mkstemp, create private 0600 files), before it is published by a rename."""
+    mask = _umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for path in folder.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 @contextmanager
 def atomic_output_dir(out_dir: PathLike) -> Iterator[Path]:
     """Yield a temporary folder next to `out_dir`; on success its files land in `out_dir`, on error nothing does.
@@ -40,9 +70,10 @@ def atomic_output_dir(out_dir: PathLike) -> Iterator[Path]:
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"output path {out} is a file; pass a folder path (it is created if missing)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = make_temp_dir(out.parent, out.name)
     try:
         yield tmp
+        normalize_permissions(tmp)
         if not out.exists():
             try:
                 os.replace(tmp, out)
@@ -70,7 +101,7 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     """Write `data` to `path` through a temporary file in the same folder, then `os.replace`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    fd, tmp = make_temp_file(path.parent, path.name)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)

@@ -30,7 +30,6 @@ import inspect
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -40,6 +39,8 @@ from typing import Any, Optional, Union
 
 import torch
 from torch import nn
+
+from ._io import make_temp_dir, normalize_permissions
 
 ALLOW_BIN_ENV = "LRA_PEFT_ALLOW_BIN"
 CONFIG_NAME = "adapter_config.json"
@@ -316,6 +317,7 @@ def commit_folder(tmp: Path, final: Path) -> None:
     for path in tmp.rglob("*"):
         if path.is_file():
             _fsync(path)  # the data is on disk before a rename makes it visible
+    normalize_permissions(tmp)
     if not final.exists():
         try:
             os.replace(tmp, final)  # a new folder appears whole
@@ -335,7 +337,7 @@ def atomic_save_dir(save_directory: Union[str, os.PathLike]) -> Iterator[Path]:
     # The temporary folder must be on the same file system as the target, for the renames to be atomic.
     final = final.resolve() if final.exists() else final.absolute()
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = make_temp_dir(final.parent, final.name)
     try:
         yield tmp
         commit_folder(tmp, final)

@@ -149,3 +149,26 @@ def test_pickle_save_warns_and_is_then_refused_without_opt_in(tmp_path: Path, mo
     assert (tmp_path / "bin" / "adapter_model.bin").is_file()
     with pytest.raises(AdapterFileError, match="pickle"):
         PeftModel.from_pretrained(make_bert_seq_cls(), tmp_path / "bin")
+
+
+def test_saved_adapter_files_get_ordinary_permissions(tmp_path) -> None:
+    """Atomic writes go through temporary names; the published folder and files must not stay private (0700/0600)."""
+    import os
+    import stat
+
+    from conftest import make_mlp
+    from peft import get_peft_model
+
+    from lra_peft import LRAConfig
+    from lra_peft._io import atomic_write_bytes
+
+    old = os.umask(0o022)
+    try:
+        model = get_peft_model(make_mlp(), LRAConfig(r=2, target_modules=["lin0"]))
+        model.save_pretrained(tmp_path / "adapter")
+        atomic_write_bytes(tmp_path / "card.md", b"hello")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "adapter").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "adapter" / "adapter_model.safetensors").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "card.md").stat().st_mode) == 0o644
