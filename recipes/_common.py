@@ -161,7 +161,8 @@ def build_parser(description: str, defaults: TaskDefaults) -> argparse.ArgumentP
     out.add_argument("--report_to", default="tensorboard", help="Accelerate tracker(s) used with --with_tracking.")
     out.add_argument("--push_to_hub", action="store_true", help="Upload --output_dir to the Hub at the end.")
     out.add_argument("--hub_model_id", default=None, help="Repository for --push_to_hub (default: output dir name).")
-    out.add_argument("--hub_token", default=None, help="Token for --push_to_hub (default: the cached login).")
+    # Hidden and refused (see finalize_args): a token on the command line leaks into `ps`, shell history and logs.
+    out.add_argument("--hub_token", default=None, help=argparse.SUPPRESS)
     return p
 
 
@@ -217,6 +218,9 @@ def parse_args(description: str, defaults: TaskDefaults,
     if add_task_args is not None:
         add_task_args(parser.add_argument_group("task"))
     args = parser.parse_args(argv)
+    if args.hub_token is not None:
+        parser.error("--hub_token is not accepted (a token on the command line ends up in `ps`, shell history and "
+                     "logs): set HF_TOKEN or run `hf auth login`, which --push_to_hub uses.")
     global _COMMAND
     script = f"recipes/{Path(sys.argv[0]).name}" if argv is None else "recipes/<task>.py"
     _COMMAND = "accelerate launch " + shlex.join([script, *_redact_token(sys.argv[1:] if argv is None else argv)])
@@ -920,11 +924,11 @@ def push_to_hub(args: argparse.Namespace, output_dir: Path) -> None:
         if args.method == "lra":
             import lra_peft
 
-            lra_peft.push_to_hub(output_dir, repo_id, token=args.hub_token)
+            lra_peft.push_to_hub(output_dir, repo_id)
             return
         from huggingface_hub import HfApi
 
-        api = HfApi(token=args.hub_token)
+        api = HfApi()  # the token comes from HF_TOKEN or the cached login only
         repo_id = api.create_repo(repo_id, exist_ok=True).repo_id
         api.upload_folder(repo_id=repo_id, folder_path=str(output_dir), commit_message="lra-peft recipe run",
                           ignore_patterns=[f"{CHECKPOINT_PREFIX}*", "runs/*", ".*", "*/*"])

@@ -119,19 +119,33 @@ def test_failed_push_errors_do_not_reveal_the_token(adapter_dir: Path, hub: Capt
 
 
 def test_recipe_push_never_writes_or_uploads_the_token(hub: CapturingHub, tmp_path: Path, caplog) -> None:
-    # A token given on the command line is the worst case: it must still reach neither metrics.json, the model card,
-    # the TensorBoard logs nor the output.
+    # The token comes from the environment; it must reach neither metrics.json, the model card, the TensorBoard logs
+    # nor the output.
     pytest.importorskip("sklearn")
     from test_recipes import ENV, _tiny_bert, run_recipe, small, write_sst2
 
     model = _tiny_bert(tmp_path / "tiny-bert", dropout=0.0)
     out = tmp_path / "out"
     args = small(model, write_sst2(tmp_path / "sst2"), out, "--max_train_steps", "2", "--with_tracking",
-                 "--push_to_hub", "--hub_model_id", "me/recipe", "--hub_token", TOKEN)
+                 "--push_to_hub", "--hub_model_id", "me/recipe")
     proc = run_recipe("sentiment.py", *args, env={**ENV, "HF_HUB_OFFLINE": "0", "HF_TOKEN": TOKEN})
-    assert TOKEN in hub.tokens  # the token was used for the upload...
+    # The upload happened, with no token handed around explicitly: huggingface_hub reads HF_TOKEN (or the login)
+    # itself at request time...
+    assert hub.tokens and all(token is None for token in hub.tokens)
     assert "me/recipe/adapter_model.safetensors" in hub.files and "me/recipe/metrics.json" in hub.files
-    assert "--hub_token" in json.loads((out / "metrics.json").read_text())["command"]
     assert list(out.rglob("*tfevents*")), "TensorBoard logs were written"
     # ...and nowhere else.
     _assert_no_token(folders=[tmp_path], texts=[proc.stdout, proc.stderr], files=hub.files, caplog=caplog)
+
+
+def test_recipe_refuses_a_token_on_the_command_line_without_echoing_it(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "sentiment.py"
+    proc = subprocess.run([sys.executable, str(recipe), "--push_to_hub", "--hub_token", TOKEN,
+                           "--output_dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "--hub_token is not accepted" in proc.stderr and "HF_TOKEN" in proc.stderr
+    assert TOKEN not in proc.stdout + proc.stderr
+    assert not (tmp_path / "out").exists()
