@@ -13,6 +13,7 @@ from .hub import install_peft_model_hooks as _install_peft_model_hooks
 from .hub import push_to_hub
 from .layer import Conv2d, Embedding, Linear, LRALayer
 from .model import LRAModel
+from .optimizer import create_lra_optimizer, lra_param_groups
 from .quantization import quantized_load, restore_quantized_residual
 from .regularization import orthogonal_loss
 from .report import LayerRank, RankReport, rank_report
@@ -40,8 +41,10 @@ __all__ = [
     "RankAllocator",
     "budget_schedule",
     "compress",
+    "create_lra_optimizer",
     "export_lora",
     "export_merged",
+    "lra_param_groups",
     "orthogonal_loss",
     "push_to_hub",
     "quantized_load",

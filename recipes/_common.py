@@ -90,6 +90,18 @@ def _parse_checkpointing_steps(value: str) -> Union[int, str]:
     raise argparse.ArgumentTypeError(f"{value!r}: use a positive number of steps or 'epoch'")
 
 
+def _parse_uv_lr_scale(value: str) -> Union[str, float]:
+    if value == "auto":
+        return value
+    try:
+        scale = float(value)
+    except ValueError:
+        scale = math.nan
+    if not 0 < scale <= 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not 'auto' or a number in (0, 1]")
+    return scale
+
+
 def _parse_target_modules(value: str) -> Union[str, list[str]]:
     if value == "all-linear":
         return value
@@ -124,6 +136,9 @@ def build_parser(description: str, defaults: TaskDefaults) -> argparse.ArgumentP
     model.add_argument("--init_weights", type=_parse_init_weights, default="principal",
                        help="LRA initialisation: principal (PiSSA: U, λ, V = top-r SVD of W, base = residual), true "
                             "(ΔW=0), false, or minor.")
+    model.add_argument("--uv_lr_scale", type=_parse_uv_lr_scale, default="auto",
+                       help="LRA: learning-rate factor of U and V; auto scales it per layer so that a principal "
+                            "adapter's first steps move W as much as LoRA's (lra_peft.lra_param_groups); 1 = no scaling.")
     model.add_argument("--target_modules", type=_parse_target_modules, default=["query", "key", "value", "dense"],
                        help="Comma-separated module names, or all-linear.")
     model.add_argument("--target_r", type=int, default=None,
@@ -660,17 +675,19 @@ def train(args: argparse.Namespace, accelerator: Any, model: nn.Module, train_fe
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
+    from lra_peft import lra_param_groups
+
     output_dir = Path(args.output_dir)
     lengths = [len(f["input_ids"]) if "input_ids" in f else f.get("length", 1) for f in train_features]
     sampler = LengthGroupedSampler(lengths, args.per_device_train_batch_size, args.seed, group=args.group_by_length)
     # Its own generator keeps DataLoader iterators from drawing on the global RNG (which also drives dropout).
     loader = DataLoader(train_features, batch_size=args.per_device_train_batch_size, sampler=sampler,
                         collate_fn=collate_fn, generator=torch.Generator().manual_seed(args.seed))
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]  # biases, LayerNorm and λ vectors are not decayed
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.learning_rate)
+    # Biases, LayerNorm and λ vectors are not decayed; SVD-initialised LRA adapters get a scaled U/V learning rate
+    # (see lra_peft/optimizer.py); other methods get one learning rate for everything.
+    uv_lr_scale = args.uv_lr_scale if args.method == "lra" else 1.0
+    optimizer = torch.optim.AdamW(lra_param_groups(model, args.learning_rate, args.weight_decay, uv_lr_scale),
+                                  lr=args.learning_rate)
     # Accelerate steps the scheduler once per process on each optimizer step, hence the factor.
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer,
                               num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
