@@ -32,8 +32,17 @@ from _harness import (  # noqa: E402
     write_result,
 )
 
-METHODS = ("lra", "lora", "adalora", "full")
-SEEDS = (0, 1, 2)
+# Each row's recipe flags. The adaptive methods start at rank 12 and prune to an average of 8 per layer, so their final
+# budget equals LoRA's and LRA's r = 8.
+METHOD_FLAGS = {
+    "lra": ("--method", "lra"),
+    "lra-adaptive": ("--method", "lra", "--r", "12", "--target_r", "8"),
+    "lora": ("--method", "lora"),
+    "adalora": ("--method", "adalora", "--r", "12", "--target_r", "8"),
+    "full": ("--method", "full"),
+}
+METHODS = ("lra", "lra-adaptive", "lora", "adalora", "full")
+SEEDS = (42, 0, 1)  # 42 first: the recipes' default seed, so a one-seed sweep is the recipes run at their defaults
 # The headline metric of each recipe (metrics.json has it as test_<name> and eval_<name>); unknown recipes report
 # every numeric test_ metric.
 PRIMARY = {"ner": "f1", "sentiment": "accuracy", "intent": "accuracy", "recommend": "ndcg_at_10"}
@@ -41,13 +50,13 @@ PRIMARY = {"ner": "f1", "sentiment": "accuracy", "intent": "accuracy", "recommen
 
 @dataclass(frozen=True)
 class Budget:
-    max_train_steps: int
+    max_train_steps: int | None  # None: each recipe's default schedule (its --num_train_epochs)
     max_train_samples: int | None
     max_eval_samples: int | None
     flags: tuple[str, ...] = ()  # more recipe flags that belong to the budget
 
 
-FULL = Budget(max_train_steps=1000, max_train_samples=None, max_eval_samples=None)
+FULL = Budget(max_train_steps=None, max_train_samples=None, max_eval_samples=None)
 QUICK = Budget(max_train_steps=20, max_train_samples=160, max_eval_samples=200,
                flags=("--per_device_train_batch_size", "8", "--max_length", "64"))
 
@@ -57,8 +66,11 @@ def find_recipes(recipe_dir: Path) -> list[str]:
 
 
 def recipe_args(method: str, seed: int, budget: Budget, output_dir: Path, extra: list[str]) -> list[str]:
-    args = ["--method", method, "--seed", str(seed), "--max_train_steps", str(budget.max_train_steps),
-            "--output_dir", str(output_dir)]
+    if method not in METHOD_FLAGS:
+        raise SystemExit(f"unknown method {method!r}; use one of {', '.join(METHOD_FLAGS)}")
+    args = [*METHOD_FLAGS[method], "--seed", str(seed), "--output_dir", str(output_dir)]
+    if budget.max_train_steps is not None:
+        args += ["--max_train_steps", str(budget.max_train_steps)]
     if budget.max_train_samples is not None:
         args += ["--max_train_samples", str(budget.max_train_samples)]
     if budget.max_eval_samples is not None:
@@ -163,7 +175,8 @@ def main(argv: list[str] | None = None) -> str:
                          f"{statistics.median(runtime):.0f}" if runtime else "n/a"])
     load.stop()
     headers = ["recipe", "method", "seeds", "score (mean ± std over seeds)", "trainable params", "train s (median)"]
-    budget_text = (f"max_train_steps={budget.max_train_steps}, max_train_samples={budget.max_train_samples or 'all'}, "
+    steps = budget.max_train_steps or "each recipe's default epochs"
+    budget_text = (f"max_train_steps={steps}, max_train_samples={budget.max_train_samples or 'all'}, "
                    f"max_eval_samples={budget.max_eval_samples or 'all'} (validation and test){' '.join(('',) + budget.flags)}")
     text = "\n".join([
         "# Task quality at a fixed budget" + (" (reduced mode: a smoke check, not a result)" if args.quick else ""),
@@ -172,7 +185,9 @@ def main(argv: list[str] | None = None) -> str:
         load.line(),
         f"- Command: `python benchmarks/quality.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
         f"- Budget, the same for every method: {budget_text}; seeds {seeds}; each recipe's own defaults otherwise "
-        f"(learning rate, batch size, r = 8, targets){'; extra recipe flags: ' + ' '.join(extra) if extra else ''}.",
+        f"(learning rate, batch size, r = 8, targets){'; extra recipe flags: ' + ' '.join(extra) if extra else ''}. "
+        "Adaptive methods: " + "; ".join(f"{m} = `{' '.join(METHOD_FLAGS[m])}`" for m in ("lra-adaptive", "adalora"))
+        + " (final average rank 8, the same budget as r = 8).",
         "- Scores: test_ is the recipe's test split, eval_ its validation split; mean ± sample std over seeds.",
         "",
         markdown_table(headers, rows),

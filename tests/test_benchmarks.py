@@ -76,7 +76,7 @@ import argparse, json, pathlib
 p = argparse.ArgumentParser()
 for flag in ("--method", "--output_dir"):
     p.add_argument(flag)
-for flag in ("--seed", "--max_train_steps", "--max_train_samples", "--max_eval_samples"):
+for flag in ("--seed", "--max_train_steps", "--max_train_samples", "--max_eval_samples", "--r", "--target_r"):
     p.add_argument(flag, type=int)
 a, _ = p.parse_known_args()
 out = pathlib.Path(a.output_dir)
@@ -93,8 +93,8 @@ def test_quality_aggregates_recipe_runs(tmp_path: Path) -> None:
     recipes = tmp_path / "recipes"
     recipes.mkdir()
     (recipes / "sentiment.py").write_text(STUB_RECIPE)
-    argv = ["--quick", "--recipe-dir", str(recipes), "--runs-dir", str(tmp_path / "runs"), "--methods", "lra,full",
-            "--out", str(tmp_path / "quality.md")]
+    argv = ["--quick", "--recipe-dir", str(recipes), "--runs-dir", str(tmp_path / "runs"), "--methods", "lra,full,lra-adaptive",
+            "--seeds", "0,1,2", "--out", str(tmp_path / "quality.md")]
     text = quality.main(argv)
     (lra,) = [row for row in table_rows(text, "sentiment") if row[1] == "lra"]
     assert lra[2] == "3"
@@ -103,6 +103,9 @@ def test_quality_aggregates_recipe_runs(tmp_path: Path) -> None:
     assert "test_accuracy 0.8000 ± 0.1000" in full[3]
     seen = json.loads((tmp_path / "runs" / "sentiment-lra-seed2" / "metrics.json").read_text())["seen"]
     assert seen["max_train_steps"] == quality.QUICK.max_train_steps and seen["max_train_samples"] == quality.QUICK.max_train_samples
+    assert quality.recipe_args("lra", 42, quality.FULL, tmp_path, []).count("--max_train_steps") == 0  # recipe epochs
+    adaptive = json.loads((tmp_path / "runs" / "sentiment-lra-adaptive-seed0" / "metrics.json").read_text())["seen"]
+    assert (adaptive["method"], adaptive["r"], adaptive["target_r"]) == ("lra", 12, 8)  # LoRA's final budget, r = 8
     # A second sweep reuses the runs: the stand-in now fails, so any rerun would raise.
     (recipes / "sentiment.py").write_text("raise SystemExit(1)\n")
     again = quality.main(argv)
