@@ -1,12 +1,12 @@
 """Task quality at a fixed budget: every recipe (recipes/*.py) × method × seed, mean ± std over seeds.
 
-Each run is one subprocess, `python recipes/<task>.py --method M --seed S --max_train_steps N ... --output_dir D`
-(or `accelerate launch ...` with --launcher accelerate); the recipe writes `D/metrics.json`, which this script reads.
-Runs whose metrics.json already exists with the same arguments are reused (pass --fresh to rerun them), so an
-interrupted sweep continues where it stopped.
+Each run is one subprocess, `python recipes/<task>.py --method M --seed S ... --output_dir D` (or `accelerate launch
+...` with --launcher accelerate); the recipe writes `D/metrics.json`, which this script reads. Runs whose metrics.json
+already exists with the same arguments are reused (pass --fresh to rerun them), so an interrupted sweep continues
+where it stopped, and a later sweep over more methods or seeds re-tabulates the earlier runs without repeating them.
 
     .venv/bin/python benchmarks/quality.py --quick   # reduced: 160 train / 200 eval examples, 20 steps of 8
-    .venv/bin/python benchmarks/quality.py           # full budget for the README table (hours on a laptop CPU)
+    .venv/bin/python benchmarks/quality.py           # full: each recipe's default schedule on all its data (hours)
 """
 
 from __future__ import annotations
