@@ -9,7 +9,7 @@ import torch
 from conftest import VOCAB, make_bert_seq_cls
 from peft import PeftModel, get_peft_model
 from torch.utils.data import Dataset
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from lra_peft import LRAConfig
 
@@ -50,3 +50,43 @@ def test_trainer_loss_goes_down(tmp_path: Path, init) -> None:
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=batch).logits, model(input_ids=batch).logits,
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_trainer_with_lra_optimizer_keeps_the_scaled_uv_learning_rate(tmp_path: Path) -> None:
+    from lra_peft import create_lra_optimizer
+    from lra_peft.layer import LRALayer
+
+    torch.manual_seed(0)
+    base = make_bert_seq_cls(num_labels=2)
+    with torch.no_grad():  # pretrained-like gains, so that the U/V factor is below 1
+        for name, module in base.named_modules():
+            if name.endswith("query"):
+                module.weight.mul_(50.0)
+    model = get_peft_model(base, LRAConfig(r=4, target_modules=["query"], task_type="SEQ_CLS",
+                                           init_weights="principal"))
+    layer = next(m for m in model.modules() if isinstance(m, LRALayer))
+    optimizer = create_lra_optimizer(model, lr=1e-2)
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    u_group, lam_group = group_of[id(layer.lra_U["default"])], group_of[id(layer.lra_lambda["default"])]
+    ratio = u_group["lr"] / lam_group["lr"]
+    assert ratio < 1
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=10, per_device_train_batch_size=16,
+                             learning_rate=1e-2, warmup_steps=2, report_to=[], save_strategy="no", use_cpu=True,
+                             seed=0, disable_tqdm=True)
+    ratios: list[float] = []
+
+    class RecordRatio(TrainerCallback):
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+            lam_lr = groups[id(layer.lra_lambda["default"])]["lr"]
+            if lam_lr > 0:
+                ratios.append(groups[id(layer.lra_U["default"])]["lr"] / lam_lr)
+
+    trainer = Trainer(model=model, args=args, train_dataset=ThresholdTask(160, seed=1), optimizers=(optimizer, None),
+                      callbacks=[RecordRatio()])
+    u_before = layer.lra_U["default"].detach().clone()
+    trainer.train()
+    assert not torch.equal(u_before, layer.lra_U["default"].detach())
+    # Trainer's schedule multiplies every group's own learning rate: the ratio survives warmup and decay.
+    assert len(ratios) >= 8
+    assert ratios == pytest.approx([ratio] * len(ratios))
