@@ -2,14 +2,14 @@
 
 Adam moves every coordinate of a tensor by about the learning rate per step, whatever the tensor's scale. A
 `"principal"` adapter's U and V have unit columns, and column i is multiplied by λᵢ·scaling, a singular value of W
-(2–11 in MiniLM's Linear layers). So at a learning rate that suits LoRA, whose B (out × r) starts at zero and meets
-A rows of norm ≈ 1/√3 (PEFT's Kaiming-uniform init), a principal adapter turns W's leading directions 10–20× faster
-than LoRA moves W, and a fine-tuning run can collapse within its first steps (Banking77: chance accuracy at 2e-3).
+(2–11 in MiniLM's Linear layers). So at a learning rate that suits LoRA (whose B starts at zero and meets A rows of
+norm ≈ 1/√3, PEFT's Kaiming-uniform init) a principal adapter turns W's leading directions 10–20× faster than LoRA
+moves W, and a fine-tuning run can collapse within its first steps (Banking77 at 2e-3: chance accuracy).
 
-`lra_param_groups` gives each adapter's U and V the learning rate `lr · min(1, (1/√3) / max|λ₀ᵢ · scaling|)`, so their
-first steps change W about as much as LoRA's do; λ, task heads and everything else keep `lr`. Adapters that start
-with λ = 0 (`init_weights=True`) get factor 1, i.e. plain `lr`. `create_lra_optimizer` builds the optimizer from
-those groups, in the manner of `peft.optimizers.create_loraplus_optimizer`.
+`lra_param_groups` gives each adapter's U and V the learning rate `lr · min(1, UV_GAIN / max|λ₀ᵢ · scaling|)`; λ, task
+heads and everything else keep `lr`. Adapters that start with λ = 0 (`init_weights=True`) get factor 1, i.e. plain
+`lr`. `create_lra_optimizer` builds the optimizer from those groups, in the manner of
+`peft.optimizers.create_loraplus_optimizer`.
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ from torch import nn
 
 from .layer import LRALayer
 
-# Row norm of PEFT's LoRA A at init (Kaiming-uniform with a = √5 gives U(−1/√in, 1/√in) entries).
-LORA_A_ROW_NORM = 1 / math.sqrt(3)
+# The largest λ·scaling whose U and V still train at the full learning rate. 1/√3 (the row norm of PEFT's LoRA A at
+# init) would match LoRA's first step, but LoRA's steps grow as B grows, and it trained NER too slowly. Chosen on the
+# validation splits of the NER and intent recipes among 1/√3, 2 and 4 (docs/recipes.md): 2 was best on average.
+UV_GAIN = 2.0
 
 
 def uv_lr_factor(layer: LRALayer, adapter_name: str) -> float:
@@ -34,7 +36,7 @@ def uv_lr_factor(layer: LRALayer, adapter_name: str) -> float:
     """
     lam = layer.lra_lambda0[adapter_name] if adapter_name in layer.lra_lambda0 else layer.lra_lambda[adapter_name]
     gain = float(lam.detach().abs().max()) * abs(layer.scaling[adapter_name]) if lam.numel() else 0.0
-    return min(1.0, LORA_A_ROW_NORM / gain) if gain > 0 else 1.0
+    return min(1.0, UV_GAIN / gain) if gain > 0 else 1.0
 
 
 def lra_param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
