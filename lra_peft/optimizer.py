@@ -28,7 +28,7 @@ from .layer import LRALayer
 UV_GAIN = 2.0
 
 
-def uv_lr_factor(layer: LRALayer, adapter_name: str) -> float:
+def uv_lr_factor(layer: LRALayer, adapter_name: str, uv_gain: float = UV_GAIN) -> float:
     """The factor on the learning rate of `layer`'s U and V for `adapter_name` (1 for adapters that start at λ = 0).
 
     Uses the initial λ₀ where the adapter keeps it (principal / minor), so the factor does not depend on how far
@@ -36,11 +36,11 @@ def uv_lr_factor(layer: LRALayer, adapter_name: str) -> float:
     """
     lam = layer.lra_lambda0[adapter_name] if adapter_name in layer.lra_lambda0 else layer.lra_lambda[adapter_name]
     gain = float(lam.detach().abs().max()) * abs(layer.scaling[adapter_name]) if lam.numel() else 0.0
-    return min(1.0, UV_GAIN / gain) if gain > 0 else 1.0
+    return min(1.0, uv_gain / gain) if gain > 0 else 1.0
 
 
 def lra_param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
-                     uv_lr_scale: Union[str, float] = "auto") -> list[dict[str, Any]]:
+                     uv_lr_scale: Union[str, float] = "auto", uv_gain: float = UV_GAIN) -> list[dict[str, Any]]:
     """Parameter groups over `model`'s trainable parameters for a torch optimizer.
 
     Args:
@@ -50,6 +50,7 @@ def lra_param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
             LayerNorm weights, as Transformers' examples do.
         uv_lr_scale: `"auto"` (the per-layer rule in the module docstring) or a number in (0, 1] used for every
             layer's U and V; 1.0 gives every parameter `lr`.
+        uv_gain: with `"auto"`, the largest max|λ₀ᵢ·scaling| whose U and V keep the full `lr` (default `UV_GAIN`).
 
     Returns:
         A list of dicts with `params`, `lr` and `weight_decay`, in a deterministic order (model traversal order), so
@@ -59,12 +60,14 @@ def lra_param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
         raise ValueError(f"lr={lr!r} must be a positive number")
     if uv_lr_scale != "auto" and not (isinstance(uv_lr_scale, (int, float)) and 0 < uv_lr_scale <= 1):
         raise ValueError(f'uv_lr_scale={uv_lr_scale!r} must be "auto" or a number in (0, 1]')
+    if not (isinstance(uv_gain, (int, float)) and uv_gain > 0 and math.isfinite(uv_gain)):
+        raise ValueError(f"uv_gain={uv_gain!r} must be a positive number")
     scaled: dict[int, float] = {}
     for module in model.modules():
         if not isinstance(module, LRALayer):
             continue
         for name in module.lra_U:
-            factor = uv_lr_factor(module, name) if uv_lr_scale == "auto" else float(uv_lr_scale)
+            factor = uv_lr_factor(module, name, uv_gain) if uv_lr_scale == "auto" else float(uv_lr_scale)
             for param in (module.lra_U[name], module.lra_V[name]):
                 if param.requires_grad:
                     scaled[id(param)] = factor
@@ -82,9 +85,10 @@ def lra_param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
 
 def create_lra_optimizer(model: nn.Module, optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW, *,
                          lr: float, weight_decay: float = 0.0, uv_lr_scale: Union[str, float] = "auto",
+                         uv_gain: float = UV_GAIN,
                          **kwargs: Any) -> torch.optim.Optimizer:
-    """`optimizer_cls(lra_param_groups(model, lr, weight_decay, uv_lr_scale), lr=lr, **kwargs)`.
+    """`optimizer_cls(lra_param_groups(model, lr, weight_decay, uv_lr_scale, uv_gain), lr=lr, **kwargs)`.
 
     With `transformers.Trainer`: `Trainer(..., optimizers=(create_lra_optimizer(model, lr=2e-3), None))`.
     """
-    return optimizer_cls(lra_param_groups(model, lr, weight_decay, uv_lr_scale), lr=lr, **kwargs)
+    return optimizer_cls(lra_param_groups(model, lr, weight_decay, uv_lr_scale, uv_gain), lr=lr, **kwargs)

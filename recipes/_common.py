@@ -139,6 +139,9 @@ def build_parser(description: str, defaults: TaskDefaults) -> argparse.ArgumentP
     model.add_argument("--uv_lr_scale", type=_parse_uv_lr_scale, default="auto",
                        help="LRA: learning-rate factor of U and V; auto scales it per layer so that a principal "
                             "adapter's first steps move W as much as LoRA's (lra_peft.lra_param_groups); 1 = no scaling.")
+    model.add_argument("--uv_gain", type=float, default=2.0,
+                       help="LRA, with --uv_lr_scale auto: the largest max λ₀·s whose U and V keep the full learning "
+                            "rate (lra_peft.optimizer.UV_GAIN).")
     model.add_argument("--target_modules", type=_parse_target_modules, default=["query", "key", "value", "dense"],
                        help="Comma-separated module names, or all-linear.")
     model.add_argument("--target_r", type=int, default=None,
@@ -195,6 +198,8 @@ def finalize_args(args: argparse.Namespace, defaults: TaskDefaults, argv: Option
     for name in ("max_train_steps", "max_train_samples", "max_eval_samples"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise RecipeError(f"--{name}={getattr(args, name)} must be a positive integer (or left out)")
+    if not (args.uv_gain > 0 and math.isfinite(args.uv_gain)):
+        raise RecipeError(f"--uv_gain={args.uv_gain} must be a positive number")
     if not (args.learning_rate > 0 and math.isfinite(args.learning_rate)):
         raise RecipeError(f"--learning_rate={args.learning_rate} must be a positive number")
     if args.load_in_8bit and args.load_in_4bit:
@@ -686,8 +691,8 @@ def train(args: argparse.Namespace, accelerator: Any, model: nn.Module, train_fe
     # Biases, LayerNorm and λ vectors are not decayed; SVD-initialised LRA adapters get a scaled U/V learning rate
     # (see lra_peft/optimizer.py); other methods get one learning rate for everything.
     uv_lr_scale = args.uv_lr_scale if args.method == "lra" else 1.0
-    optimizer = torch.optim.AdamW(lra_param_groups(model, args.learning_rate, args.weight_decay, uv_lr_scale),
-                                  lr=args.learning_rate)
+    optimizer = torch.optim.AdamW(lra_param_groups(model, args.learning_rate, args.weight_decay, uv_lr_scale,
+                                                   args.uv_gain), lr=args.learning_rate)
     # Accelerate steps the scheduler once per process on each optimizer step, hence the factor.
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer,
                               num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,

@@ -136,3 +136,21 @@ def test_optimizer_state_round_trips_between_two_identically_built_optimizers():
     again = create_lra_optimizer(model, lr=1e-3, weight_decay=0.01)
     again.load_state_dict(optimizer.state_dict())  # raises if the group layout differs
     assert [g["lr"] for g in again.param_groups] == [g["lr"] for g in optimizer.param_groups]
+
+
+def test_gain_argument_and_recipe_default():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+    import _common
+
+    defaults = _common.TaskDefaults(dataset="sst2")
+    assert _common.build_parser("x", defaults).parse_args([]).uv_gain == UV_GAIN  # the recipes' default is the API's
+    model = lra()
+    layer = model.base_model.model.proj
+    gain = layer.lra_lambda0["default"].abs().max().item() * layer.scaling["default"]
+    lr_of = {id(p): g["lr"] for g in lra_param_groups(model, 1e-3, uv_gain=4.0) for p in g["params"]}
+    assert lr_of[id(layer.lra_U["default"])] == pytest.approx(1e-3 * 4.0 / gain)
+    with pytest.raises(ValueError, match="uv_gain"):
+        lra_param_groups(model, 1e-3, uv_gain=0.0)
