@@ -78,12 +78,16 @@ def recipe_args(method: str, seed: int, budget: Budget, output_dir: Path, extra:
     return args + list(budget.flags) + extra
 
 
-def run_one(recipe: Path, args: list[str], output_dir: Path, launcher: str, fresh: bool, log_dir: Path) -> dict:
-    """Run one recipe (or reuse its earlier metrics.json when run with the same arguments)."""
+def run_one(recipe: Path, args: list[str], output_dir: Path, launcher: str, fresh: bool, log_dir: Path,
+            existing_only: bool = False) -> dict | None:
+    """Run one recipe (or reuse its earlier metrics.json when run with the same arguments; with `existing_only`,
+    return None instead of running)."""
     metrics_file = output_dir / "metrics.json"
     stamp = output_dir / "benchmark_args.json"
     if not fresh and metrics_file.exists() and stamp.exists() and json.loads(stamp.read_text()) == args:
         return json.loads(metrics_file.read_text())
+    if existing_only:
+        return None
     if launcher == "accelerate":
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", str(recipe), *args]
     else:
@@ -134,6 +138,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--recipe-dir", default=str(REPO_ROOT / "recipes"))
     parser.add_argument("--runs-dir", default=None, help="where each run's output_dir goes (default outputs/quality*)")
     parser.add_argument("--fresh", action="store_true", help="rerun runs that already have a metrics.json")
+    parser.add_argument("--existing-only", action="store_true",
+                        help="run nothing: tabulate the runs already done with these arguments, count the rest as missing")
     parser.add_argument("--out", default=None)
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more flags passed to every recipe")
     args = parser.parse_args(argv)
@@ -163,9 +169,14 @@ def main(argv: list[str] | None = None) -> str:
                 output_dir = runs_dir / f"{recipe}-{method}-seed{seed}"
                 run_args = recipe_args(method, seed, budget, output_dir, extra)
                 metrics = run_one(recipe_dir / f"{recipe}.py", run_args, output_dir, args.launcher, args.fresh,
-                                  runs_dir / "logs")
+                                  runs_dir / "logs", args.existing_only)
+                if metrics is None:
+                    continue
                 results.append(metrics)
                 print(f"{recipe} {method} seed {seed}: {headline(recipe, metrics)}", flush=True)
+            if not results:
+                rows.append([recipe, method, 0, "not run", "n/a", "n/a"])
+                continue
             keys = list(dict.fromkeys(k for m in results for k in headline(recipe, m)))
             scores = "; ".join(f"{k} {mean_std([headline(recipe, m)[k] for m in results if k in headline(recipe, m)])}"
                                for k in keys)

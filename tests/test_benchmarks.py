@@ -106,6 +106,10 @@ def test_quality_aggregates_recipe_runs(tmp_path: Path) -> None:
     assert quality.recipe_args("lra", 42, quality.FULL, tmp_path, []).count("--max_train_steps") == 0  # recipe epochs
     adaptive = json.loads((tmp_path / "runs" / "sentiment-lra-adaptive-seed0" / "metrics.json").read_text())["seen"]
     assert (adaptive["method"], adaptive["r"], adaptive["target_r"]) == ("lra", 12, 8)  # LoRA's final budget, r = 8
+    # --existing-only tabulates what exists and runs nothing (the stand-in would otherwise create seed 3).
+    only = quality.main([*argv[:-4], "--seeds", "0,3", "--existing-only", "--out", str(tmp_path / "q2.md")])
+    assert [row[2] for row in table_rows(only, "sentiment") if row[1] == "lra"] == ["1"]
+    assert not (tmp_path / "runs" / "sentiment-lra-seed3").exists()
     # A second sweep reuses the runs: the stand-in now fails, so any rerun would raise.
     (recipes / "sentiment.py").write_text("raise SystemExit(1)\n")
     again = quality.main(argv)
