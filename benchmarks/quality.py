@@ -46,6 +46,11 @@ SEEDS = (42, 0, 1)  # 42 first: the recipes' default seed, so a one-seed sweep i
 # The headline metric of each recipe (metrics.json has it as test_<name> and eval_<name>); unknown recipes report
 # every numeric test_ metric.
 PRIMARY = {"ner": "f1", "sentiment": "accuracy", "intent": "accuracy", "recommend": "ndcg_at_10"}
+# The test metrics listed per run, below the summary (recommend: the model's and the popularity baseline's).
+DETAIL = {"ner": ("precision", "recall", "f1", "token_accuracy"), "sentiment": ("accuracy", "f1"),
+          "intent": ("accuracy", "macro_f1"),
+          "recommend": ("hr_at_10", "ndcg_at_10", "auc", "popularity_hr_at_10", "popularity_ndcg_at_10",
+                        "popularity_auc")}
 
 
 @dataclass(frozen=True)
@@ -118,6 +123,16 @@ def headline(recipe: str, metrics: dict) -> dict[str, float]:
     return {k: float(metrics[k]) for k in keys if isinstance(metrics.get(k), (int, float))}
 
 
+def run_row(recipe: str, method: str, seed: int, metrics: dict) -> list:
+    names = DETAIL.get(recipe, ())
+    tests = ", ".join(f"{n} {100 * metrics[f'test_{n}']:.2f}" for n in names
+                      if isinstance(metrics.get(f"test_{n}"), (int, float)))
+    primary = metrics.get(f"eval_{PRIMARY.get(recipe, '')}")
+    return [recipe, method, seed, tests or "n/a", f"{100 * primary:.2f}" if isinstance(primary, (int, float)) else "n/a",
+            metrics.get("trainable_params", "n/a"), metrics.get("train_runtime_s", "n/a"),
+            metrics.get("total_runtime_s", "n/a")]
+
+
 def mean_std(values: list[float]) -> str:
     if not values:
         return "n/a"
@@ -161,7 +176,7 @@ def main(argv: list[str] | None = None) -> str:
     runs_dir = Path(args.runs_dir or REPO_ROOT / "outputs" / ("quality_quick" if args.quick else "quality"))
 
     load = LoadRecorder()
-    rows = []
+    rows, runs = [], []
     for recipe in recipes:
         for method in methods:
             results = []
@@ -173,6 +188,7 @@ def main(argv: list[str] | None = None) -> str:
                 if metrics is None:
                     continue
                 results.append(metrics)
+                runs.append(run_row(recipe, method, seed, metrics))
                 print(f"{recipe} {method} seed {seed}: {headline(recipe, metrics)}", flush=True)
             if not results:
                 rows.append([recipe, method, 0, "not run", "n/a", "n/a"])
@@ -202,6 +218,11 @@ def main(argv: list[str] | None = None) -> str:
         "- Scores: test_ is the recipe's test split, eval_ its validation split; mean ± sample std over seeds.",
         "",
         markdown_table(headers, rows),
+        "",
+        "Each run (test metrics in %; train s = the training loop, total s = the whole recipe):",
+        "",
+        markdown_table(["recipe", "method", "seed", "test metrics", "eval (primary metric)",
+                        "trainable params", "train s", "total s"], runs),
     ])
     write_result(args.out or default_output("quality_quick" if args.quick else "quality"), text)
     return text

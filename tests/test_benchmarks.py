@@ -87,6 +87,10 @@ score = 0.5 + 0.1 * a.seed + (0.2 if a.method == "full" else 0.0)
 '''
 
 
+def summary_rows(text: str, method: str) -> list[list[str]]:
+    return [row for row in table_rows(text, "sentiment") if len(row) == 6 and row[1] == method]
+
+
 def test_quality_aggregates_recipe_runs(tmp_path: Path) -> None:
     """quality.py's plumbing (flags, subprocess, metrics.json, mean ± std, reuse) with a stand-in recipe."""
     quality = load_script("quality")
@@ -96,10 +100,12 @@ def test_quality_aggregates_recipe_runs(tmp_path: Path) -> None:
     argv = ["--quick", "--recipe-dir", str(recipes), "--runs-dir", str(tmp_path / "runs"), "--methods", "lra,full,lra-adaptive",
             "--seeds", "0,1,2", "--out", str(tmp_path / "quality.md")]
     text = quality.main(argv)
-    (lra,) = [row for row in table_rows(text, "sentiment") if row[1] == "lra"]
+    (lra,) = summary_rows(text, "lra")
     assert lra[2] == "3"
     assert "test_accuracy 0.6000 ± 0.1000" in lra[3] and "eval_accuracy 0.5500 ± 0.1000" in lra[3]
-    (full,) = [row for row in table_rows(text, "sentiment") if row[1] == "full"]
+    (full,) = summary_rows(text, "full")
+    per_run = [row for row in table_rows(text, "sentiment") if len(row) == 8 and row[1] == "full"]
+    assert [row[2] for row in per_run] == ["0", "1", "2"] and "accuracy 70.00" in per_run[0][3]
     assert "test_accuracy 0.8000 ± 0.1000" in full[3]
     seen = json.loads((tmp_path / "runs" / "sentiment-lra-seed2" / "metrics.json").read_text())["seen"]
     assert seen["max_train_steps"] == quality.QUICK.max_train_steps and seen["max_train_samples"] == quality.QUICK.max_train_samples
@@ -108,12 +114,12 @@ def test_quality_aggregates_recipe_runs(tmp_path: Path) -> None:
     assert (adaptive["method"], adaptive["r"], adaptive["target_r"]) == ("lra", 12, 8)  # LoRA's final budget, r = 8
     # --existing-only tabulates what exists and runs nothing (the stand-in would otherwise create seed 3).
     only = quality.main([*argv[:-4], "--seeds", "0,3", "--existing-only", "--out", str(tmp_path / "q2.md")])
-    assert [row[2] for row in table_rows(only, "sentiment") if row[1] == "lra"] == ["1"]
+    assert [row[2] for row in summary_rows(only, "lra")] == ["1"]
     assert not (tmp_path / "runs" / "sentiment-lra-seed3").exists()
     # A second sweep reuses the runs: the stand-in now fails, so any rerun would raise.
     (recipes / "sentiment.py").write_text("raise SystemExit(1)\n")
     again = quality.main(argv)
-    assert [row for row in table_rows(again, "sentiment") if row[1] == "lra"] == [lra]
+    assert summary_rows(again, "lra") == [lra]
 
 
 if __name__ == "__main__":
