@@ -69,16 +69,18 @@ class LoadRecorder:
     def stop(self) -> None:
         self.end = load_average()
 
-    def line(self) -> str:
+    def line(self, own_load: float = 0.0, interleaved: bool = True) -> str:
+        """`own_load`: the load the benchmark itself puts on the machine (quality.py's recipe runs: their threads)."""
         cores = os.cpu_count() or 1
         end = self.end or load_average()
-        busy = max(os.getloadavg()[0], float(self.start.split(" / ")[0])) > 0.5
-        note = (
-            "other processes (other engineers' tests and training jobs) were running on the same cores, so absolute "
-            "times are noisy; methods were interleaved so that the noise hits all alike"
-            if busy
-            else "the machine was otherwise quiet"
-        )
+        busy = max(os.getloadavg()[0], float(self.start.split(" / ")[0])) > 0.5 + own_load
+        if busy:
+            note = ("other processes (other engineers' tests and training jobs) were running on the same cores, so "
+                    "absolute times are noisy" + ("; methods were interleaved so that the noise hits all alike"
+                                                  if interleaved else ""))
+        else:
+            note = "the machine was otherwise quiet" + (f" (the runs themselves load it by about {own_load:g})"
+                                                         if own_load else "")
         return f"- Load average (1/5/15 min) at start: {self.start}; at end: {end} on {cores} cores: {note}."
 
 

@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> str:
         "# Task quality at a fixed budget" + (" (reduced mode: a smoke check, not a result)" if args.quick else ""),
         "",
         *machine_lines(),
-        load.line(),
+        load.line(own_load=min(2, os.cpu_count() or 1), interleaved=False),
         f"- Command: `python benchmarks/quality.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
         f"- Budget, the same for every method: {budget_text}; seeds {seeds}; each recipe's own defaults otherwise "
         f"(learning rate, batch size, r = 8, targets){'; extra recipe flags: ' + ' '.join(extra) if extra else ''}. "
