@@ -103,12 +103,19 @@ def randomized_top_svd(
             break
         projected.append(new @ a)
         basis = torch.cat([basis, new])
-    # Rayleigh-Ritz: basis · a = P Σ Qᵀ; a ≈ basisᵀ · basis · a. The SVD of the tall transpose is the faster one.
-    right, sigma, left_t = torch.linalg.svd(torch.cat(projected).T, full_matrices=False)
-    u_short = basis.T @ left_t.T[:, :r]
-    v_long = right[:, :r]
+    # Rayleigh-Ritz: basis · a = P Σ Qᵀ; a ≈ basisᵀ · basis · a. P and Σ come from the eigendecomposition of the small
+    # Gram matrix (k × k, formed in float64 so that squaring the spectrum costs no accuracy in the top r), Q = (basis·a)ᵀ
+    # P Σ⁻¹: two GEMMs and a k × k eigh instead of an SVD of the l × k matrix, which dominated on small W.
+    projected_rows = torch.cat(projected)
+    rows64 = projected_rows.to(torch.float64)
+    evals, evecs = torch.linalg.eigh(rows64 @ rows64.T)
+    top = evecs[:, -r:].flip(1)  # eigh sorts ascending
+    sigma = evals[-r:].flip(0).clamp_min(0).sqrt()
+    left = top.to(a.dtype)
+    u_short = basis.T @ left
+    v_long = (projected_rows.T @ left) / sigma.to(a.dtype).clamp_min(torch.finfo(a.dtype).tiny)
     u, v = (u_short, v_long) if a is w else (v_long, u_short)
-    return u.contiguous(), sigma[:r].contiguous(), v.contiguous()
+    return u.contiguous(), sigma.to(a.dtype).contiguous(), v.contiguous()
 
 
 def random_orthonormal(rows: int, r: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
