@@ -327,7 +327,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                       for p, e in zip(train_profiles, split.train)]
     schedule = C.plan_schedule(args, len(train_features), accelerator.num_processes)
 
-    encoder = C.apply_method(C.load_model(AutoModel, args), args, "FEATURE_EXTRACTION", schedule.max_train_steps)
+    encoder = C.load_model(AutoModel, args)
+    # The bi-encoder mean-pools the last hidden state: an unused pooler would get an adapter that never sees a gradient
+    # (trainable parameters that do nothing, and a crash in AdaLoRA's importance update, which reads every grad).
+    if getattr(encoder, "pooler", None) is not None:
+        encoder.pooler = None
+    encoder = C.apply_method(encoder, args, "FEATURE_EXTRACTION", schedule.max_train_steps)
     model = BiEncoder(encoder, args.temperature)
 
     def indexed_loader(token_ids: list[list[int]]):

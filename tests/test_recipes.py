@@ -308,6 +308,18 @@ def test_recommend_end_to_end(tiny_model, tmp_path):
     assert "popularity" in (out / "ranking_report.txt").read_text()
 
 
+@pytest.mark.parametrize("method", ["adalora", "lora"])
+def test_recommend_adapts_no_unused_pooler(tiny_model, tmp_path, method):
+    # The bi-encoder never calls BERT's pooler; an adapter there got no gradient and crashed AdaLoRA's allocator.
+    out = tmp_path / "out"
+    extra = ("--r", "4", "--target_r", "2") if method == "adalora" else ("--r", "4")
+    run_recipe("recommend.py", *small(tiny_model, write_movielens(tmp_path / "ml"), out, "--num_eval_negatives", "9",
+                                      "--method", method, "--max_train_steps", "4", *extra))
+    keys = adapter(out).keys()
+    assert keys and not any("pooler" in key for key in keys)
+    assert json.loads((out / "metrics.json").read_text())["train_steps"] == 4
+
+
 def test_recommend_split_leaks_nothing_from_the_future(tmp_path):
     recommend = importlib.import_module("recommend")
     folder = write_movielens(tmp_path / "ml", users=20, items=60)
