@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -83,6 +84,47 @@ def recipe_args(method: str, seed: int, budget: Budget, output_dir: Path, extra:
     return args + list(budget.flags) + extra
 
 
+# Paths that the recipe resolves after parsing, or that name where the run went: not defaults that change results.
+NOT_COMPARED = {"output_dir", "model_name_or_path", "data_dir"}
+
+
+def changed_defaults(recipe: Path, args: list[str], metrics: dict) -> list[str]:
+    """The flags whose value the recipe resolves differently today from what the run recorded in metrics.json.
+
+    The same command line can mean a different run once a recipe's default changes (say --init_weights), so a run is
+    reused only if the recipe's `parse_args(args)` still gives the values it ran with. Recipes without `parse_args`
+    (or runs without recorded `args`) are compared by their command line alone.
+    """
+    recorded = metrics.get("args")
+    # Importing runs a script's top level: only recipes that define parse_args (and so keep main() behind
+    # `if __name__ == "__main__"`, as recipes/*.py do) are imported.
+    if not isinstance(recorded, dict) or "\ndef parse_args(" not in recipe.read_text():
+        return []
+    module = _recipe_module(recipe)
+    now = {k: v for k, v in vars(module.parse_args(args)).items() if k not in NOT_COMPARED}
+    now = json.loads(json.dumps(now))  # tuples -> lists etc., as metrics.json stores them
+    return [f"--{k} {recorded.get(k)!r} -> {v!r}" for k, v in now.items() if k in recorded and recorded[k] != v]
+
+
+_MODULES: dict[Path, Any] = {}
+
+
+def _recipe_module(recipe: Path) -> Any:
+    if recipe not in _MODULES:
+        import importlib.util
+
+        sys.path.insert(0, str(recipe.parent))  # the recipes import their shared `_common`
+        try:
+            spec = importlib.util.spec_from_file_location(f"_quality_recipe_{recipe.stem}", recipe)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module  # dataclasses look their module up there
+            spec.loader.exec_module(module)
+        finally:
+            sys.path.remove(str(recipe.parent))
+        _MODULES[recipe] = module
+    return _MODULES[recipe]
+
+
 def run_one(recipe: Path, args: list[str], output_dir: Path, launcher: str, fresh: bool, log_dir: Path,
             existing_only: bool = False) -> dict | None:
     """Run one recipe (or reuse its earlier metrics.json when run with the same arguments; with `existing_only`,
@@ -90,7 +132,11 @@ def run_one(recipe: Path, args: list[str], output_dir: Path, launcher: str, fres
     metrics_file = output_dir / "metrics.json"
     stamp = output_dir / "benchmark_args.json"
     if not fresh and metrics_file.exists() and stamp.exists() and json.loads(stamp.read_text()) == args:
-        return json.loads(metrics_file.read_text())
+        metrics = json.loads(metrics_file.read_text())
+        changed = changed_defaults(recipe, args, metrics)
+        if not changed:
+            return metrics
+        print(f"{output_dir.name}: rerun, the recipe's defaults changed since it ran ({', '.join(changed)})", flush=True)
     if existing_only:
         return None
     if launcher == "accelerate":

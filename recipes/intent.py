@@ -60,9 +60,14 @@ def load_splits(args: argparse.Namespace) -> tuple[dict[str, list[C.Example]], d
     return {"train": train, "validation": validation, "test": raw["test"]}, where
 
 
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The recipe's flags with every default resolved (what `main` runs with and metrics.json records)."""
+    return C.parse_args(__doc__.splitlines()[0], DEFAULTS, add_task_args, argv=argv)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     started = time.perf_counter()
-    args = C.parse_args(__doc__.splitlines()[0], DEFAULTS, add_task_args, argv=argv)
+    args = parse_args(argv)
     splits, where = load_splits(args)
     C.run_text_classification(args, "intent", "banking77", splits, where, started)
 

@@ -101,9 +101,14 @@ def entity_metrics(sentences: list[Sentence], predictions: dict[int, tuple], lab
     return metrics, classification_report(gold, pred, digits=4)
 
 
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The recipe's flags with every default resolved (what `main` runs with and metrics.json records)."""
+    return C.parse_args(__doc__.splitlines()[0], DEFAULTS, argv=argv)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     started = time.perf_counter()
-    args = C.parse_args(__doc__.splitlines()[0], DEFAULTS, argv=argv)
+    args = parse_args(argv)
     splits, where = load_splits(args)
     splits = {"train": C.take(splits["train"], args.max_train_samples),
               **{s: C.take(splits[s], args.max_eval_samples) for s in ("validation", "test")}}

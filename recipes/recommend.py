@@ -285,9 +285,14 @@ def embed_all(accelerator, model: BiEncoder, loader) -> torch.Tensor:
     return torch.stack([chunks[i] for i in range(len(chunks))])
 
 
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The recipe's flags with every default resolved (what `main` runs with and metrics.json records)."""
+    return C.parse_args(__doc__.splitlines()[0], DEFAULTS, add_task_args, argv=argv)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     started = time.perf_counter()
-    args = C.parse_args(__doc__.splitlines()[0], DEFAULTS, add_task_args, argv=argv)
+    args = parse_args(argv)
     if args.dataset_name:
         raise C.RecipeError("recommend.py reads MovieLens files only: drop --dataset_name and pass --data_dir <folder "
                             "with ratings.csv and movies.csv>")

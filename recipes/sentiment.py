@@ -31,9 +31,14 @@ def load_splits(args: argparse.Namespace) -> tuple[dict[str, list[C.Example]], d
     return splits, {split: str(folder / name) for split, name in FILES.items()}
 
 
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The recipe's flags with every default resolved (what `main` runs with and metrics.json records)."""
+    return C.parse_args(__doc__.splitlines()[0], DEFAULTS, argv=argv)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     started = time.perf_counter()
-    args = C.parse_args(__doc__.splitlines()[0], DEFAULTS, argv=argv)
+    args = parse_args(argv)
     splits, where = load_splits(args)
     C.run_text_classification(args, "sentiment", "sst2", splits, where, started)
 

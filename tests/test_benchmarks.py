@@ -122,5 +122,46 @@ def test_quality_aggregates_recipe_runs(tmp_path: Path) -> None:
     assert summary_rows(again, "lra") == [lra]
 
 
+PARSING_RECIPE = '''
+import argparse, json, pathlib
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--method")
+    p.add_argument("--output_dir")
+    p.add_argument("--init_weights", default=INIT)
+    for flag in ("--seed", "--max_train_steps", "--max_train_samples", "--max_eval_samples", "--r", "--target_r"):
+        p.add_argument(flag, type=int)
+    a, _ = p.parse_known_args(argv)
+    return a
+
+if __name__ == "__main__":
+    a = parse_args()
+    out = pathlib.Path(a.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    score = {"principal": 0.5, "minor": 0.7}[a.init_weights]
+    (out / "metrics.json").write_text(json.dumps({"test_accuracy": score, "train_runtime_s": 1.0, "args": vars(a)}))
+'''
+
+
+def test_quality_reruns_a_run_when_the_recipe_default_changed(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The same command line means a different run once a recipe default changes: such runs are redone, not reused."""
+    quality = load_script("quality")
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    recipe = recipes / "sentiment.py"
+    recipe.write_text(PARSING_RECIPE.replace("INIT", '"principal"'))
+    argv = ["--quick", "--recipe-dir", str(recipes), "--runs-dir", str(tmp_path / "runs"), "--methods", "lra",
+            "--seeds", "0", "--out", str(tmp_path / "quality.md")]
+    assert "test_accuracy 0.5000" in summary_rows(quality.main(argv), "lra")[0][3]
+    quality._MODULES.clear()  # a new sweep is a new process
+    assert "test_accuracy 0.5000" in summary_rows(quality.main(argv), "lra")[0][3]  # unchanged: reused
+    assert "defaults changed" not in capsys.readouterr().out
+    recipe.write_text(PARSING_RECIPE.replace("INIT", '"minor"'))
+    quality._MODULES.clear()
+    assert "test_accuracy 0.7000" in summary_rows(quality.main(argv), "lra")[0][3]
+    assert "--init_weights 'principal' -> 'minor'" in capsys.readouterr().out
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
