@@ -67,6 +67,8 @@ class TaskDefaults:
     per_device_train_batch_size: int = 32
     per_device_eval_batch_size: int = 64
     max_length: int = 128
+    # LRA's --init_weights, chosen per task on validation over three seeds (docs/recipes.md#choosing-the-initialisation)
+    init_weights: Union[bool, str] = "principal"
     output_dir: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -133,9 +135,10 @@ def build_parser(description: str, defaults: TaskDefaults) -> argparse.ArgumentP
     model.add_argument("--r", type=int, default=8, help="Rank (VeRA: default 256 when --r is not given).")
     model.add_argument("--lra_alpha", type=float, default=None,
                        help="Scale numerator (LRA's lra_alpha, LoRA's lora_alpha); default r, i.e. scale 1.")
-    model.add_argument("--init_weights", type=_parse_init_weights, default="principal",
-                       help="LRA initialisation: principal (PiSSA: U, λ, V = top-r SVD of W, base = residual), true "
-                            "(ΔW=0), false, or minor.")
+    model.add_argument("--init_weights", type=_parse_init_weights, default=defaults.init_weights,
+                       help="LRA initialisation: principal (PiSSA: U, λ, V = top-r SVD of W, base = residual), minor "
+                            "(MiLoRA: the r smallest triplets), true (ΔW=0) or false. "
+                            f"Default here: {defaults.init_weights}.")
     model.add_argument("--uv_lr_scale", type=_parse_uv_lr_scale, default="auto",
                        help="LRA: learning-rate factor of U and V; auto scales it per layer so that a principal "
                             "adapter's first steps move W as much as LoRA's (lra_peft.lra_param_groups); 1 = no scaling.")

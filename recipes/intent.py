@@ -20,7 +20,7 @@ from typing import Optional
 import _common as C
 
 DEFAULTS = C.TaskDefaults(dataset="banking77", learning_rate=2e-3, full_learning_rate=1e-4, num_train_epochs=3,
-                          per_device_train_batch_size=32, max_length=128)
+                          per_device_train_batch_size=32, max_length=128, init_weights="minor")
 FILES = {"train": "train.csv", "test": "test.csv"}
 
 
