@@ -86,6 +86,8 @@ def recipe_args(method: str, seed: int, budget: Budget, output_dir: Path, extra:
 
 # Paths that the recipe resolves after parsing, or that name where the run went: not defaults that change results.
 NOT_COMPARED = {"output_dir", "model_name_or_path", "data_dir"}
+# Recipe flags that only --method lra reads (recipes/_common.py): a new default for them leaves other methods' runs valid.
+LRA_ONLY = {"init_weights", "uv_lr_scale", "uv_gain"}
 
 
 def changed_defaults(recipe: Path, args: list[str], metrics: dict) -> list[str]:
@@ -101,7 +103,8 @@ def changed_defaults(recipe: Path, args: list[str], metrics: dict) -> list[str]:
     if not isinstance(recorded, dict) or "\ndef parse_args(" not in recipe.read_text():
         return []
     module = _recipe_module(recipe)
-    now = {k: v for k, v in vars(module.parse_args(args)).items() if k not in NOT_COMPARED}
+    ignored = NOT_COMPARED | (LRA_ONLY if recorded.get("method") != "lra" else set())
+    now = {k: v for k, v in vars(module.parse_args(args)).items() if k not in ignored}
     now = json.loads(json.dumps(now))  # tuples -> lists etc., as metrics.json stores them
     return [f"--{k} {recorded.get(k)!r} -> {v!r}" for k, v in now.items() if k in recorded and recorded[k] != v]
 

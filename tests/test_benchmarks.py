@@ -151,16 +151,22 @@ def test_quality_reruns_a_run_when_the_recipe_default_changed(tmp_path: Path, ca
     recipes.mkdir()
     recipe = recipes / "sentiment.py"
     recipe.write_text(PARSING_RECIPE.replace("INIT", '"principal"'))
-    argv = ["--quick", "--recipe-dir", str(recipes), "--runs-dir", str(tmp_path / "runs"), "--methods", "lra",
+    argv = ["--quick", "--recipe-dir", str(recipes), "--runs-dir", str(tmp_path / "runs"), "--methods", "lra,lora",
             "--seeds", "0", "--out", str(tmp_path / "quality.md")]
-    assert "test_accuracy 0.5000" in summary_rows(quality.main(argv), "lra")[0][3]
+    text = quality.main(argv)
+    assert "test_accuracy 0.5000" in summary_rows(text, "lra")[0][3]
+    assert "test_accuracy 0.5000" in summary_rows(text, "lora")[0][3]
     quality._MODULES.clear()  # a new sweep is a new process
     assert "test_accuracy 0.5000" in summary_rows(quality.main(argv), "lra")[0][3]  # unchanged: reused
     assert "defaults changed" not in capsys.readouterr().out
     recipe.write_text(PARSING_RECIPE.replace("INIT", '"minor"'))
     quality._MODULES.clear()
-    assert "test_accuracy 0.7000" in summary_rows(quality.main(argv), "lra")[0][3]
-    assert "--init_weights 'principal' -> 'minor'" in capsys.readouterr().out
+    text = quality.main(argv)
+    assert "test_accuracy 0.7000" in summary_rows(text, "lra")[0][3]
+    out = capsys.readouterr().out
+    assert "sentiment-lra-seed0: rerun" in out and "--init_weights 'principal' -> 'minor'" in out
+    # --init_weights is LRA's flag: LoRA's run stays valid (the stand-in would now score it 0.7).
+    assert "test_accuracy 0.5000" in summary_rows(text, "lora")[0][3] and "sentiment-lora-seed0: rerun" not in out
 
 
 if __name__ == "__main__":
