@@ -39,14 +39,22 @@ def _unpack_cpu_4bit(base_layer: nn.Module) -> None:
     """Undo bitsandbytes' AVX512-BF16 CPU repacking of a 4-bit weight (it happens on the first CPU inference).
 
     The repacked layout is neither what `dequantize_4bit` reads nor differentiable (a later training step fails),
-    so LRA keeps its 4-bit bases in the standard layout.
+    so LRA keeps its 4-bit bases in the standard layout. The repacking stores the block scales (absmax) as a
+    transposed (blocks per row × rows) bfloat16 matrix; bitsandbytes' inverse (0.50) restores that layout only for
+    double-quantized weights and otherwise leaves the scales transposed, which scrambles every row that spans more
+    than one block. Here the scales go back to their flat row-major float32 layout (their bfloat16 rounding stays).
     """
     weight = base_layer.weight
     state = getattr(weight, "quant_state", None)
-    if state is not None and getattr(state, "packing_format_for_cpu", False):
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    if state is None or not getattr(state, "packing_format_for_cpu", False):
+        return
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
-        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+    nested = getattr(state, "original_nested", False)
+    weight.data, state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+    if not nested and state.absmax.dim() == 2:
+        state.absmax = state.absmax.T.contiguous().reshape(-1).to(torch.float32)
+    weight.quant_state = state
 
 
 class LRABnb8bitBackend(Bnb8bitBackend):
@@ -290,6 +298,8 @@ def quantized_load(
       Transformers' own initialisation: bitsandbytes cannot run a layer whose weight was never quantized (8-bit fails
       with `'Parameter' object has no attribute 'CB'`), and a trained head belongs in `modules_to_save` anyway.
       They are added to `config.quantization_config.llm_int8_skip_modules`.
+    * 4-bit layers keep bitsandbytes' standard weight layout on the CPU (no AVX512-BF16 repacking on the first
+      inference, which would round the block scales to bfloat16): the weights stay exactly as loaded.
     * Each quantized layer remembers where its full-precision weight lives (safetensors checkpoints only; nothing is
       read now). `LRAConfig(init_weights="principal" | "minor")` then decomposes W rather than Q(W), and the base
       becomes Q(W − ΔW₀): lower quantization error (QPiSSA), further lowered by `quant_refine_iters`.
@@ -343,6 +353,10 @@ def quantized_load(
         weight = getattr(module, "weight", None)
         if weight is None or not _is_quantized_bnb_param(weight):
             continue
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            # A CPU inference would repack the 4-bit weight with bfloat16 scales (see `_unpack_cpu_4bit`): the weight
+            # would no longer be the checkpoint's Q(W), and principal / minor init would lose the full-precision W.
+            module.support_avx512bf16_for_cpu = False
         key = _checkpoint_key(name, prefix, index)
         if key is not None:
             setattr(module, _SOURCE_ATTR, _CheckpointWeight(index[key], key, weakref.ref(weight)))

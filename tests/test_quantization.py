@@ -439,6 +439,49 @@ def test_svd_init_keeps_the_function_of_the_pretrained_model(checkpoint, quant):
         torch.testing.assert_close(hidden(refined), hidden(refined.base_model), rtol=0, atol=0)
 
 
+def dequantized(layer: nn.Module) -> torch.Tensor:
+    import bitsandbytes.functional as bnbF
+
+    return bnbF.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+
+
+@pytest.mark.parametrize("quant", ["nf4", "fp4"])
+def test_a_4bit_model_that_ran_on_the_cpu_keeps_its_weights_under_lra(checkpoint, quant):
+    """bitsandbytes repacks a 4-bit weight on its first CPU inference; LRA must get the same weight back.
+
+    Its inverse (bitsandbytes 0.50) leaves the block scales transposed unless double-quantized, which scrambled the
+    rows of `output.dense` (128 inputs: two blocks a row) by about 20 %. Only the scales' bfloat16 rounding may stay.
+    """
+    model = AutoModel.from_pretrained(checkpoint, quantization_config=bnb_config(quant)).eval()  # plain Transformers
+    dense = model.encoder.layer[0].output.dense
+    assert dense.in_features == 2 * dense.weight.blocksize
+    before = dequantized(dense)
+    with torch.no_grad():
+        reference = model(input_ids=batch()["input_ids"]).last_hidden_state
+    if not getattr(dense.weight.quant_state, "packing_format_for_cpu", False):
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes does not repack, nothing to undo")
+    seen = quantization_backend_for(dense).get_base_weight(dense).float()
+    assert norm(seen - before) / norm(before) < 0.005  # bfloat16 scales: about 0.15 %; scrambled rows were 20 %
+    peft_model = get_peft_model(model, LRAConfig(r=4, target_modules="all-linear"))
+    assert norm(hidden(peft_model) - reference) / norm(reference) < 0.005  # ΔW = 0: the model it was before
+
+
+def test_quantized_load_keeps_4bit_weights_exact_through_a_cpu_inference(checkpoint):
+    """A model from `quantized_load` is not repacked, so principal init still decomposes the checkpoint's W."""
+    config = LRAConfig(r=4, target_modules="all-linear", init_weights="principal", quant_refine_iters=1)
+    untouched = get_peft_model(quantized_load(AutoModel, checkpoint, bnb_config("nf4")), config)
+    model = quantized_load(AutoModel, checkpoint, bnb_config("nf4")).eval()
+    before = dequantized(model.encoder.layer[0].output.dense)
+    hidden(model)
+    torch.testing.assert_close(dequantized(model.encoder.layer[0].output.dense), before, rtol=0, atol=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        used = get_peft_model(model, config)
+    assert not [w for w in caught if "does not quantize to the weight in place" in str(w.message)]
+    for (name, a), (_, b) in zip(lra_layers(used).items(), lra_layers(untouched).items()):
+        torch.testing.assert_close(a.get_base_weight(), b.get_base_weight(), rtol=0, atol=0, msg=name)
+
+
 # ------------------------------------------------------------------------------------------- save / load
 @pytest.mark.parametrize("quant", ["int8", "nf4"])
 def test_saved_principal_adapter_reloads_and_continues_exactly(checkpoint, quant, tmp_path):
