@@ -171,3 +171,36 @@ def test_quality_reruns_a_run_when_the_recipe_default_changed(tmp_path: Path, ca
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_device_check_passes_on_the_cpu_with_a_tiny_bert(tmp_path: Path) -> None:
+    """The GPU script's checks, run here on the CPU: bf16, int8 and nf4 bases of a tiny BERT."""
+    pytest.importorskip("bitsandbytes")
+    import torch
+    from conftest import tiny_bert_config
+    from transformers import BertModel
+
+    torch.manual_seed(0)
+    # 64 wide: 4-bit blocks hold 64 values, so every block is full.
+    BertModel(tiny_bert_config(hidden_size=64, intermediate_size=128)).save_pretrained(tmp_path / "tiny")
+    device_check = load_script("device_check")
+    text, ok = device_check.main(["--device", "cpu", "--model_name_or_path", str(tmp_path / "tiny"), "--steps", "5",
+                                  "--batch_size", "4", "--seq_len", "16", "--rounds", "2",
+                                  "--out", str(tmp_path / "device.md")])
+    assert ok, text
+    for check in ("init: distance to the fp32 model", "grads reach only adapter + head", "merge ≈ unmerged",
+                  "save → load → same logits", "merge_and_unload"):
+        assert [row[1] for row in table_rows(text, check)] == ["bf16", "int8", "nf4"], check
+    assert table_rows(text, "lra") and table_rows(text, "lora")
+    assert "FAIL" not in text
+
+    # A merge that loses the adapter must fail the run.
+    import lra_peft
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(lra_peft.LRALayer, "get_delta_weight", lambda self, adapter: torch.zeros_like(self.weight))
+        text, ok = device_check.main(["--device", "cpu", "--model_name_or_path", str(tmp_path / "tiny"), "--bases",
+                                      "int8", "--steps", "5", "--batch_size", "4", "--seq_len", "16", "--rounds", "0",
+                                      "--out", str(tmp_path / "broken.md")])
+    assert not ok
+    assert table_rows(text, "merge ≈ unmerged")[0][-1] == "FAIL"
