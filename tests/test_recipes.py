@@ -294,7 +294,8 @@ def test_each_recipe_defaults_to_the_init_chosen_for_its_task(script, init):
 
 
 @pytest.mark.parametrize("method, extra", [("lora", ()), ("adalora", ()), ("vera", ()), ("full", ()),
-                                           ("lra", ("--target_r", "2")), ("lra", ("--load_in_8bit",))])
+                                           ("lra", ("--target_r", "2")), ("lra", ("--load_in_8bit",)),
+                                           ("lra", ("--load_in_4bit",))])
 def test_other_methods_run_under_the_same_loop(tiny_model, tmp_path, method, extra):
     out = tmp_path / "out"
     run_recipe("intent.py", *small(tiny_model, write_banking(tmp_path / "banking"), out, "--method", method,
