@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -169,10 +170,6 @@ def test_quality_reruns_a_run_when_the_recipe_default_changed(tmp_path: Path, ca
     assert "test_accuracy 0.5000" in summary_rows(text, "lora")[0][3] and "sentiment-lora-seed0: rerun" not in out
 
 
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__, "-q"]))
-
-
 def test_device_check_passes_on_the_cpu_with_a_tiny_bert(tmp_path: Path) -> None:
     """The GPU script's checks, run here on the CPU: bf16, int8 and nf4 bases of a tiny BERT."""
     pytest.importorskip("bitsandbytes")
@@ -204,3 +201,57 @@ def test_device_check_passes_on_the_cpu_with_a_tiny_bert(tmp_path: Path) -> None
                                       "--out", str(tmp_path / "broken.md")])
     assert not ok
     assert table_rows(text, "merge ≈ unmerged")[0][-1] == "FAIL"
+
+
+def test_paired_statistics() -> None:
+    paired = load_script("paired")
+    assert paired.mcnemar_p(0, 0) == 1.0 and paired.mcnemar_p(5, 5) == 1.0
+    assert paired.mcnemar_p(10, 0) == pytest.approx(2 / 2**10)
+    assert paired.bootstrap_interval(np.full(50, 0.25), 200, seed=0) == (0.25, 0.25)
+    rng = np.random.default_rng(1)
+    diff = rng.choice([-1.0, 0.0, 1.0], size=2000, p=[0.1, 0.8, 0.1])
+    low, high = paired.bootstrap_interval(diff, 2000, seed=0)
+    half = 1.96 * diff.std() / np.sqrt(diff.size)  # the normal approximation's half-width
+    assert low < diff.mean() < high and (high - low) / 2 == pytest.approx(half, rel=0.15)
+
+
+def test_paired_reproduces_runs_and_pairs_them_by_seed(tmp_path: Path) -> None:
+    """paired.py on real (tiny) sentiment runs: it must reproduce each run's recorded accuracy from the saved adapter
+    before comparing, and refuse runs it cannot reproduce or pair."""
+    from test_recipes import _tiny_bert, run_recipe, small, write_sst2
+
+    model, data = _tiny_bert(tmp_path / "tiny", dropout=0.0), write_sst2(tmp_path / "sst2")
+    runs = {}
+    for method in ("lra", "lora"):
+        for seed in (0, 1):
+            runs[method, seed] = tmp_path / f"{method}-{seed}"
+            run_recipe("sentiment.py", *small(model, data, runs[method, seed], "--method", method, "--seed", str(seed),
+                                              "--max_train_steps", "6", "--learning_rate", "1e-2"))
+    paired = load_script("paired")
+    argv = ["--task", "sentiment", "--a", str(runs["lra", 0]), str(runs["lra", 1]), "--b", str(runs["lora", 1]),
+            str(runs["lora", 0]), "--resamples", "200", "--out", str(tmp_path / "paired.md")]
+    text, summaries = paired.main(argv)
+    assert (tmp_path / "paired.md").read_text().strip() == text.strip()
+    for summary in summaries:
+        prefix = {"validation": "eval", "test": "test"}[summary["split"]]
+        recorded = {m: [json.loads((runs[m, s] / "metrics.json").read_text())[f"{prefix}_accuracy"] for s in (0, 1)]
+                    for m in ("lra", "lora")}
+        assert summary["a_mean"] == pytest.approx(100 * np.mean(recorded["lra"]))
+        assert summary["b_mean"] == pytest.approx(100 * np.mean(recorded["lora"]))
+        assert summary["diff"] == pytest.approx(summary["a_mean"] - summary["b_mean"])
+        assert summary["low"] <= summary["diff"] <= summary["high"]
+    assert [row[0] for row in table_rows(text, "0")] == ["0", "0"]  # seed 0 paired with seed 0, in both splits
+
+    with pytest.raises(SystemExit, match="same seeds"):
+        paired.main(["--task", "sentiment", "--a", str(runs["lra", 0]), "--b", str(runs["lora", 1]),
+                     "--out", str(tmp_path / "bad.md")])
+    metrics_file = runs["lora", 1] / "metrics.json"
+    metrics = json.loads(metrics_file.read_text())
+    metrics["test_accuracy"] = 1.5  # no set of predictions gives this: the run does not reproduce
+    metrics_file.write_text(json.dumps(metrics))
+    with pytest.raises(SystemExit, match="reproduces as"):
+        paired.main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
