@@ -28,6 +28,7 @@ from .snapshot import (
     ModelOrDir,
     base_model_class,
     describe_layers,
+    head_num_labels,
     layer_scaling,
     load_snapshot,
 )
@@ -272,27 +273,22 @@ def _check_model_type(cls: type, base_id: str) -> None:
 def _head_overrides(snapshot: AdapterSnapshot, base_id: str) -> dict[str, Any]:
     """A classification adapter brings its own head (modules_to_save): size the base's head to it, and name the
     labels from the labels.json that recipes save next to the adapter."""
-    if str(snapshot.config.task_type) not in ("SEQ_CLS", "TOKEN_CLS") or not snapshot.config.modules_to_save:
+    num_labels = head_num_labels(snapshot)
+    if num_labels is None:
         return {}
     from transformers import AutoConfig
 
-    for head in snapshot.config.modules_to_save:
-        for suffix in (f"{head}.weight", f"{head}.out_proj.weight"):
-            tensor = snapshot.extra.get(f"base_model.model.{suffix}")
-            if tensor is None or tensor.dim() != 2:
-                continue
-            num_labels, overrides = tensor.shape[0], {}
-            try:
-                if AutoConfig.from_pretrained(base_id, local_files_only=True).num_labels != num_labels:
-                    overrides = {"num_labels": num_labels, "ignore_mismatched_sizes": True}
-            except (OSError, ValueError):
-                return {}
-            labels = _read_labels(snapshot.source_dir)
-            if labels is not None and len(labels) == num_labels:
-                overrides["id2label"] = dict(enumerate(labels))
-                overrides["label2id"] = {label: i for i, label in enumerate(labels)}
-            return overrides
-    return {}
+    overrides: dict[str, Any] = {}
+    try:
+        if AutoConfig.from_pretrained(base_id, local_files_only=True).num_labels != num_labels:
+            overrides = {"num_labels": num_labels, "ignore_mismatched_sizes": True}
+    except (OSError, ValueError):
+        return {}
+    labels = _read_labels(snapshot.source_dir)
+    if labels is not None and len(labels) == num_labels:
+        overrides["id2label"] = dict(enumerate(labels))
+        overrides["label2id"] = {label: i for i, label in enumerate(labels)}
+    return overrides
 
 
 def _read_labels(folder: Optional[Path]) -> Optional[list[str]]:

@@ -22,6 +22,7 @@ from ._io import PathLike, atomic_write_bytes
 from .snapshot import (
     METRICS_NAME,
     AdapterSnapshot,
+    head_num_labels,
     read_metrics,
     snapshot_from_dir,
     snapshot_from_model,
@@ -134,6 +135,9 @@ def card_section(
     for note in notes:
         lines += [note, ""]
     source = repo_id or "path/to/adapter"
+    num_labels = head_num_labels(snapshot)
+    # The base is built before the adapter's head is loaded into it: it needs the head's size.
+    head_args = f", num_labels={num_labels}" if num_labels is not None else ""
     local = "adapter" if repo_id else source
     lines += [
         "### How to load",
@@ -144,7 +148,7 @@ def card_section(
         "import lra_peft  # registers LRA with PEFT",
         f"from peft import {auto_class}",
         "",
-        f'model = {auto_class}.from_pretrained("{source}")',
+        f'model = {auto_class}.from_pretrained("{source}"{head_args})',
         "```",
         "",
         "Without lra-peft at serving time (vLLM, TGI, plain PEFT), convert it once to a standard LoRA adapter, which "

@@ -295,6 +295,19 @@ def _split_state_dict(
     return layers, extra
 
 
+def head_num_labels(snapshot: AdapterSnapshot) -> Optional[int]:
+    """The number of labels of the classification head saved with the adapter (`modules_to_save`), if any: the base
+    model has to be built with that many to load the adapter."""
+    if str(snapshot.config.task_type) not in ("SEQ_CLS", "TOKEN_CLS"):
+        return None
+    for head in snapshot.config.modules_to_save or []:
+        for suffix in (f"{head}.weight", f"{head}.out_proj.weight"):
+            tensor = snapshot.extra.get(f"base_model.model.{suffix}")
+            if tensor is not None and tensor.dim() == 2:
+                return int(tensor.shape[0])
+    return None
+
+
 def layer_scaling(config: LRAConfig, name: str) -> float:
     """s = lra_alpha / r of module `name`, resolved from rank_pattern / alpha_pattern exactly as `LRAModel` does."""
     r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), name), config.r)

@@ -108,7 +108,7 @@ def check_card(card: ModelCard, repo_id: str, base: Path) -> None:
     text = card.text
     assert "trained with **lra-peft**" in text
     assert "import lra_peft  # registers LRA with PEFT" in text
-    assert f'AutoPeftModelForSequenceClassification.from_pretrained("{repo_id}")' in text
+    assert f'AutoPeftModelForSequenceClassification.from_pretrained("{repo_id}", num_labels=3)' in text
     assert "lra-peft export-lora" in text  # the way to serve it without lra-peft
     assert f"| base model | `{base}` |" in text
     assert "| task | sentiment — sequence classification (`SEQ_CLS`), dataset `sst2` |" in text
@@ -207,3 +207,28 @@ def test_models_without_lra_keep_peft_cards(tmp_path: Path) -> None:
     text = (tmp_path / "lora" / "README.md").read_text()
     assert "lra-peft" not in text and "library_name: peft" in text
     assert os.path.exists(tmp_path / "lora" / "adapter_model.safetensors")
+
+
+def test_the_cards_loading_code_runs_for_a_head_sized_unlike_the_base(tmp_path: Path) -> None:
+    """A classifier trained from a base saved without a head (as MiniLM, BERT): the card's code must size the head."""
+    import re
+
+    from conftest import tiny_bert_config
+    from transformers import BertModel
+
+    BertModel(tiny_bert_config()).save_pretrained(tmp_path / "base")  # no head; its config says 2 labels
+    model = get_peft_model(AutoModelForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=5),
+                           LRAConfig(r=2, target_modules=["query"], task_type="SEQ_CLS", init_weights="principal"))
+    model.eval()
+    input_ids = torch.randint(1, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(input_ids=input_ids).logits
+    model.save_pretrained(tmp_path / "adapter")
+    text = (tmp_path / "adapter" / "README.md").read_text()
+    (snippet,) = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert 'from_pretrained("path/to/adapter", num_labels=5)' in snippet
+    scope: dict = {}
+    exec(snippet.replace("path/to/adapter", str(tmp_path / "adapter")), scope)  # noqa: S102 - the card's own code
+    with torch.no_grad():
+        assert rel_err(scope["model"].eval()(input_ids=input_ids).logits, expected) <= 1e-5
+
