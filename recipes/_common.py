@@ -384,6 +384,17 @@ def load_tokenizer(args: argparse.Namespace) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------------- the method
+def pruning_schedule(args: argparse.Namespace, total_step: int) -> tuple[int, int, int]:
+    """Rank pruning's (warm-up, final fixed-budget, interval) steps, the same for LRA and AdaLoRA: start after the
+    first 10 % of the run, freeze the budget for the last 20 %, reallocate every 1 %."""
+    tinit, tfinal = max(1, total_step // 10), max(1, total_step // 5)
+    if tinit + tfinal >= total_step:
+        flag = "--target_r" if args.method == "lra" else "--method adalora"
+        raise RecipeError(f"{flag} needs more than {tinit + tfinal} training steps to prune ranks, but the run has "
+                          f"{total_step}; raise --max_train_steps / --num_train_epochs")
+    return tinit, tfinal, max(1, total_step // 100)
+
+
 def peft_config(args: argparse.Namespace, task_type: Optional[str], total_step: int,
                 modules_to_save: Optional[list[str]] = None) -> Any:
     """The PEFT config of `--method` with like-for-like settings (same rank, scale, targets); None for full."""
@@ -396,9 +407,9 @@ def peft_config(args: argparse.Namespace, task_type: Optional[str], total_step: 
 
         extra: dict[str, Any] = {}
         if args.target_r is not None:
-            # Same schedule shape as AdaLoRA's below: prune after the first 10%, freeze the budget for the last 20%.
-            extra = dict(target_r=args.target_r, total_step=total_step, init_warmup=max(1, total_step // 10),
-                         final_warmup=max(1, total_step // 5), mask_interval=max(1, total_step // 100))
+            tinit, tfinal, interval = pruning_schedule(args, total_step)
+            extra = dict(target_r=args.target_r, total_step=total_step, init_warmup=tinit, final_warmup=tfinal,
+                         mask_interval=interval)
         return lra_peft.LRAConfig(r=args.r, lra_alpha=alpha, target_modules=targets, init_weights=args.init_weights,
                                   task_type=task_type, modules_to_save=modules_to_save, **extra)
     if args.method == "lora":
@@ -410,12 +421,9 @@ def peft_config(args: argparse.Namespace, task_type: Optional[str], total_step: 
         from peft import AdaLoraConfig
 
         target_r = args.target_r if args.target_r is not None else max(1, args.r // 2)
-        tinit, tfinal = max(1, total_step // 10), max(1, total_step // 5)
-        if tinit + tfinal >= total_step:
-            raise RecipeError(f"--method adalora needs more than {tinit + tfinal} training steps to prune ranks, but the "
-                              f"run has {total_step}; raise --max_train_steps / --num_train_epochs")
+        tinit, tfinal, interval = pruning_schedule(args, total_step)
         return AdaLoraConfig(init_r=args.r, target_r=target_r, lora_alpha=alpha, target_modules=targets,
-                             total_step=total_step, tinit=tinit, tfinal=tfinal, deltaT=max(1, total_step // 100),
+                             total_step=total_step, tinit=tinit, tfinal=tfinal, deltaT=interval,
                              task_type=task_type, modules_to_save=modules_to_save)
     if args.method == "vera":
         from peft import VeraConfig

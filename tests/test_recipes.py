@@ -491,6 +491,11 @@ def test_flags_not_available_fail_before_training(tiny_model, tmp_path):
     proc = run_recipe("sentiment.py", *small(tiny_model, data, tmp_path / "o", "--method", "vera", "--target_r", "2"),
                       check=False)
     assert_clean_error(proc, "--target_r")
+    for method in ("lra", "adalora"):  # too short a run to prune ranks: one line naming the fix, before training
+        proc = run_recipe("sentiment.py", *small(tiny_model, data, tmp_path / "o", "--method", method, "--target_r",
+                                                 "2", "--max_train_steps", "2"), check=False)
+        assert_clean_error(proc, "needs more than 2 training steps", "--max_train_steps")
+    assert not (tmp_path / "o").exists()
 
 
 # --------------------------------------------------------------------------------- the real model and shared data
