@@ -1,17 +1,20 @@
-"""Paired comparison of two methods' text-classification runs on the same examples: method, or sampling noise?
+"""Paired comparison of two methods' runs on the same examples: is a gap the method, or the draw of test examples?
 
-Two methods' mean test accuracies over a few seeds can differ because one method is better, or because of which
-sentences happen to be in the test split: every seed is scored on the same sentences, so a split that favours one
-method by chance favours it in every seed. This script separates the two. For runs that recipes/sentiment.py or
-recipes/intent.py left (e.g. through benchmarks/quality.py), it reloads each run's saved adapter (or fully fine-tuned
-model), predicts the validation and test splits again, checks that the accuracy equals the one in the run's
-metrics.json, pairs the runs of A and B by seed and reports, per split:
+Two methods' mean test scores over a few seeds can differ because one method is better, or because of which examples
+happen to be in the test split: every seed is scored on the same examples, so a split that favours one method by
+chance favours it in every seed. This script separates the two. For runs that a recipe left (recipes/ner.py,
+sentiment.py, intent.py, recommend.py; e.g. through benchmarks/quality.py), it reloads each run's saved adapter (or
+fully fine-tuned model), scores the validation and test splits again example by example, checks that this gives back
+the score in the run's metrics.json, pairs the runs of A and B by seed and reports, per split:
 
-- per seed: accuracy of A and B, A − B, the discordant examples (A right and B wrong, and the reverse) and McNemar's
-  exact two-sided p-value;
-- over the seeds: the mean difference and its 95 % bootstrap interval over examples (the examples are resampled, the
-  same resample for every seed and both methods), i.e. the uncertainty that comes from the choice of the split's
-  examples.
+- per seed: the score of A and B, A − B, on how many examples A did better and on how many B did, and the exact
+  two-sided sign test of those two counts. "Better" is: right where the other is wrong (accuracy: the sign test is
+  then McNemar's exact test), a higher NDCG@10 for the user (recommend), fewer entity errors, false positives plus
+  false negatives, in the sentence (NER);
+- over the seeds: the mean difference and its 95 % bootstrap interval over examples (sentences or users are
+  resampled, the same resample for every seed and both methods, and each run's score is recomputed from the
+  resampled examples, so NER's corpus-level F1 stays a corpus-level F1), i.e. the uncertainty that comes from the
+  choice of the split's examples.
 
     .venv/bin/python benchmarks/paired.py --task sentiment \\
         --a outputs/quality/sentiment-lra-seed{42,0,1} --b outputs/quality/sentiment-lora-seed{42,0,1}
@@ -22,10 +25,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -36,9 +39,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes"))
 
 from _harness import default_output, machine_lines, markdown_table, write_result  # noqa: E402
 
-TASKS = ("sentiment", "intent")
+TASKS = ("ner", "sentiment", "intent", "recommend")
 SPLITS = ("validation", "test")
 METRIC_PREFIX = {"validation": "eval", "test": "test"}
+METRIC = {"ner": "f1", "sentiment": "accuracy", "intent": "accuracy", "recommend": "ndcg_at_10"}
+METRIC_NAME = {"f1": "entity F1", "accuracy": "accuracy %", "ndcg_at_10": "NDCG@10 × 100"}
+
+
+def ratio(sums: np.ndarray) -> np.ndarray:
+    """Accuracy or mean NDCG from summed (score, count) columns."""
+    return sums[..., 0] / sums[..., 1]
+
+
+def entity_f1(sums: np.ndarray) -> np.ndarray:
+    """Micro F1 from summed (true positive, false positive, false negative) entity counts, as seqeval computes it."""
+    tp, fp, fn = sums[..., 0], sums[..., 1], sums[..., 2]
+    denominator = 2 * tp + fp + fn
+    return np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1e-12), 0.0)
+
+
+SCORE: dict[str, Callable[[np.ndarray], np.ndarray]] = {"f1": entity_f1, "accuracy": ratio, "ndcg_at_10": ratio}
+
+
+@dataclass
+class Scored:
+    """One split of one run: per-example statistics whose column sums give the run's score, and per-example merit."""
+
+    stats: np.ndarray  # (examples, k): (right, 1), (NDCG@10, 1) or (true pos., false pos., false neg.)
+    merit: np.ndarray  # (examples,): higher is better; compared between A and B for the sign test
 
 
 @dataclass
@@ -48,7 +76,7 @@ class Run:
     seed: int
     args: argparse.Namespace
     metrics: dict
-    correct: dict[str, np.ndarray]  # split -> (examples,) bool
+    splits: dict[str, Scored]
 
 
 def read_run(path: Path, task: str) -> tuple[argparse.Namespace, dict]:
@@ -64,85 +92,160 @@ def read_run(path: Path, task: str) -> tuple[argparse.Namespace, dict]:
     return args, metrics
 
 
-def load_trained_model(path: Path, args: argparse.Namespace, labels: list[str],
-                       model_name_or_path: Optional[str]) -> torch.nn.Module:
+def load_trained(model_cls: Any, path: Path, args: argparse.Namespace, model_name_or_path: Optional[str],
+                 prepare: Callable[[torch.nn.Module], None] = lambda model: None, **kwargs: Any) -> torch.nn.Module:
     """The run's model as it was evaluated: the base with the saved adapter, or the saved full model."""
     import _common as C
     from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification
 
     import lra_peft  # noqa: F401  (registers LRA with PEFT)
 
-    kwargs = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
-              "label2id": {label: i for i, label in enumerate(labels)}}
     if args.method == "full":
-        return AutoModelForSequenceClassification.from_pretrained(path, **kwargs).eval()
-    base = C.resolve_model(model_name_or_path or args.model_name_or_path)
-    model = AutoModelForSequenceClassification.from_pretrained(base, **kwargs)
+        model = model_cls.from_pretrained(path, **kwargs)
+        prepare(model)
+        return model.eval()
+    model = model_cls.from_pretrained(C.resolve_model(model_name_or_path or args.model_name_or_path), **kwargs)
+    prepare(model)
     return PeftModel.from_pretrained(model, path).eval()
 
 
-@torch.no_grad()
-def correct_per_example(model: torch.nn.Module, tokenizer, rows: Sequence[tuple[str, str]], labels: list[str],
-                        args: argparse.Namespace) -> np.ndarray:
-    """Whether each row is classified right, with the recipe's own eval batching (so the same padding per batch)."""
-    import _common as C
-    from transformers import DataCollatorWithPadding
+def label_kwargs(path: Path) -> tuple[list[str], dict[str, Any]]:
+    labels = json.loads((path / "labels.json").read_text())
+    return labels, {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+                    "label2id": {label: i for i, label in enumerate(labels)}}
 
-    label2id = {label: i for i, label in enumerate(labels)}
-    encoded = tokenizer([text for text, _ in rows], truncation=True, max_length=args.max_length)
-    features = [{"input_ids": encoded["input_ids"][i], "attention_mask": encoded["attention_mask"][i],
-                 "labels": label2id[label], "index": i} for i, (_, label) in enumerate(rows)]
-    loader = C.eval_dataloader(features, C.IndexedCollator(DataCollatorWithPadding(tokenizer)),
-                               args.per_device_eval_batch_size)
-    correct = np.zeros(len(rows), dtype=bool)
-    for batch in loader:
-        index, gold = batch.pop("index"), batch.pop("labels")
-        correct[index.numpy()] = (model(**batch).logits.argmax(-1) == gold).numpy()
-    return correct
+
+def predict(model: torch.nn.Module, features: list[dict], collator: Any, batch_size: int) -> dict[int, tuple]:
+    """The recipe's own prediction loop (same batches, so the same padding): {example index: (argmax, labels)}."""
+    import _common as C
+    from accelerate import Accelerator
+
+    loader = C.eval_dataloader(features, C.IndexedCollator(collator), batch_size)
+    return C.predict(Accelerator(cpu=True), model, loader)
+
+
+def classification_scores(path: Path, task: str, args: argparse.Namespace,
+                          model_name_or_path: Optional[str]) -> dict[str, Scored]:
+    import _common as C
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+
+    splits, _ = __import__(task).load_splits(args)
+    labels, kwargs = label_kwargs(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = load_trained(AutoModelForSequenceClassification, path, args, model_name_or_path, **kwargs)
+    out = {}
+    for split in SPLITS:
+        rows = C.take(splits[split], args.max_eval_samples)
+        encoded = tokenizer([text for text, _ in rows], truncation=True, max_length=args.max_length)
+        features = [{"input_ids": encoded["input_ids"][i], "attention_mask": encoded["attention_mask"][i],
+                     "labels": kwargs["label2id"][label], "index": i} for i, (_, label) in enumerate(rows)]
+        predictions = predict(model, features, DataCollatorWithPadding(tokenizer), args.per_device_eval_batch_size)
+        right = np.array([float(predictions[i][0] == predictions[i][1]) for i in range(len(rows))])
+        out[split] = Scored(np.stack([right, np.ones_like(right)], axis=1), right)
+    return out
+
+
+def ner_scores(path: Path, args: argparse.Namespace, model_name_or_path: Optional[str]) -> dict[str, Scored]:
+    """Per sentence: true positive, false positive and false negative entities (seqeval's entity extraction)."""
+    import _common as C
+    import ner
+    from seqeval.metrics.sequence_labeling import get_entities
+    from transformers import AutoModelForTokenClassification, AutoTokenizer, DataCollatorForTokenClassification
+
+    splits, _ = ner.load_splits(args)
+    labels, kwargs = label_kwargs(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = load_trained(AutoModelForTokenClassification, path, args, model_name_or_path, **kwargs)
+    out = {}
+    for split in SPLITS:
+        sentences = C.take(splits[split], args.max_eval_samples)
+        features = ner.tokenize(tokenizer, sentences, kwargs["label2id"], args.max_length)
+        predictions = predict(model, features, DataCollatorForTokenClassification(tokenizer),
+                              args.per_device_eval_batch_size)
+        stats = np.zeros((len(sentences), 3))
+        for i, (_, tags) in enumerate(sentences):
+            ids, label_ids = predictions[i]
+            words = [labels[p] for p, y in zip(ids, label_ids) if y != -100]
+            predicted = words + ["O"] * (len(tags) - len(words))  # words past --max_length, as the recipe counts them
+            gold_entities, predicted_entities = set(get_entities(tags)), set(get_entities(predicted))
+            tp = len(gold_entities & predicted_entities)
+            stats[i] = (tp, len(predicted_entities) - tp, len(gold_entities) - tp)
+        out[split] = Scored(stats, -(stats[:, 1] + stats[:, 2]))
+    return out
+
+
+def recommendation_scores(path: Path, args: argparse.Namespace,
+                          model_name_or_path: Optional[str]) -> dict[str, Scored]:
+    """Each validation / test user's NDCG@10, through the recipe's own evaluator (same texts, batching, negatives)."""
+    import recommend
+    from accelerate import Accelerator
+    from transformers import AutoModel, AutoTokenizer
+
+    def drop_pooler(encoder: torch.nn.Module) -> None:
+        encoder.pooler = None  # as the recipe trains it: the bi-encoder mean-pools and never reads the pooler
+
+    movies, split, _ = recommend.load_split(args)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    encoder = load_trained(AutoModel, path, args, model_name_or_path, prepare=drop_pooler)
+    model = recommend.BiEncoder(encoder, args.temperature).eval()
+    item_ids = recommend.item_token_ids(args, tokenizer, movies, split, recommend.eval_items(split))
+
+    def encode(texts: list[str], max_length: int) -> list[list[int]]:
+        return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+
+    evaluator = recommend.RankingEvaluator(args, Accelerator(cpu=True), tokenizer, split, movies, item_ids, encode)
+    out = {}
+    for name in SPLITS:
+        scores = evaluator.scores(model, name)
+        ndcg = recommend.user_rank_metrics(scores[:, 0], scores[:, 1:])["ndcg_at_10"].double().numpy()
+        out[name] = Scored(np.stack([ndcg, np.ones_like(ndcg)], axis=1), ndcg)
+    return out
 
 
 def evaluate_run(path: Path, task: str, data_dir: Optional[str], model_name_or_path: Optional[str]) -> Run:
-    import _common as C
-    from transformers import AutoTokenizer
-
-    recipe = __import__(task)
     args, metrics = read_run(path, task)
     if data_dir is not None:
         args.data_dir = data_dir
-    splits, _ = recipe.load_splits(args)
-    labels = json.loads((path / "labels.json").read_text())
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = load_trained_model(path, args, labels, model_name_or_path)
-    correct = {}
-    for split in SPLITS:
-        rows = C.take(splits[split], args.max_eval_samples)
-        correct[split] = correct_per_example(model, tokenizer, rows, labels, args)
-        recorded = metrics[f"{METRIC_PREFIX[split]}_accuracy"]
-        # Same model, data, batching and device: the predictions must be the ones the run scored.
-        if round(recorded * len(rows)) != int(correct[split].sum()):
-            raise SystemExit(f"{path}: {split} accuracy reproduces as {correct[split].mean():.6f}, but metrics.json "
-                             f"says {recorded:.6f}; was the data, model or code changed since the run?")
+    if task == "recommend":
+        splits = recommendation_scores(path, args, model_name_or_path)
+    elif task == "ner":
+        splits = ner_scores(path, args, model_name_or_path)
+    else:
+        splits = classification_scores(path, task, args, model_name_or_path)
+    metric = METRIC[task]
+    for split, scored in splits.items():
+        recorded, again = metrics[f"{METRIC_PREFIX[split]}_{metric}"], float(SCORE[metric](scored.stats.sum(0)))
+        # Same model, data, batching and device: the run's own score must come back (float32 sums: within 1e-6).
+        if abs(recorded - again) > 1e-6:
+            raise SystemExit(f"{path}: {split} {metric} reproduces as {again:.6f}, but metrics.json says "
+                             f"{recorded:.6f}; was the data, model or code changed since the run?")
     name = "lra-adaptive" if args.method == "lra" and args.target_r is not None else args.method
-    return Run(path, name, int(args.seed), args, metrics, correct)
+    return Run(path, name, int(args.seed), args, metrics, splits)
 
 
-def mcnemar_p(a_only: int, b_only: int) -> float:
-    """Exact two-sided McNemar test: under no difference, each discordant example favours A with probability ½."""
+def sign_test_p(a_better: int, b_better: int) -> float:
+    """Exact two-sided sign test: with no difference, each example where the two differ favours A with probability ½.
+    On right/wrong outcomes this is McNemar's exact test."""
     from scipy.stats import binomtest
 
-    n = a_only + b_only
-    return 1.0 if n == 0 else float(binomtest(a_only, n, 0.5).pvalue)
+    n = a_better + b_better
+    return 1.0 if n == 0 else float(binomtest(a_better, n, 0.5).pvalue)
 
 
-def bootstrap_interval(diff_per_example: np.ndarray, resamples: int, seed: int) -> tuple[float, float]:
-    """95 % percentile interval of the mean of `diff_per_example` over resampled examples."""
+def bootstrap_interval(pairs: list[tuple[np.ndarray, np.ndarray]], score: Callable[[np.ndarray], np.ndarray],
+                       resamples: int, seed: int) -> tuple[float, float]:
+    """95 % percentile interval of the mean over `pairs` of score(A) − score(B), over resampled examples.
+
+    Each pair holds A's and B's (examples, k) statistics on the same examples; a resample draws the examples with
+    replacement (the same draw for every pair) and recomputes each score from the drawn examples' summed statistics.
+    """
     rng = np.random.default_rng(seed)
-    n = len(diff_per_example)
+    n = pairs[0][0].shape[0]
     means = np.empty(resamples)
-    for start in range(0, resamples, 500):  # chunks keep the index matrix small
+    for start in range(0, resamples, 500):  # chunks keep the (resamples, examples) weight matrix small
         stop = min(resamples, start + 500)
-        means[start:stop] = diff_per_example[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
+        weights = rng.multinomial(n, np.full(n, 1.0 / n), size=stop - start).astype(float)
+        means[start:stop] = np.mean([score(weights @ a) - score(weights @ b) for a, b in pairs], axis=0)
     low, high = np.percentile(means, [2.5, 97.5])
     return float(low), float(high)
 
@@ -155,29 +258,33 @@ def pair_runs(a: list[Run], b: list[Run]) -> list[tuple[Run, Run]]:
     return [(run, by_seed[run.seed]) for run in a]
 
 
-def split_table(pairs: list[tuple[Run, Run]], split: str, names: tuple[str, str], resamples: int,
+def split_table(pairs: list[tuple[Run, Run]], split: str, names: tuple[str, str], metric: str, resamples: int,
                 seed: int) -> tuple[str, dict]:
     a_name, b_name = names
-    rows = []
+    score = SCORE[metric]
+    rows, a_scores, b_scores = [], [], []
     for a, b in pairs:
-        ca, cb = a.correct[split], b.correct[split]
-        a_only, b_only = int((ca & ~cb).sum()), int((cb & ~ca).sum())
-        rows.append([a.seed, f"{100 * ca.mean():.2f}", f"{100 * cb.mean():.2f}", f"{100 * (ca.mean() - cb.mean()):+.2f}",
-                     a_only, b_only, f"{mcnemar_p(a_only, b_only):.2f}"])
-    a_all = np.stack([a.correct[split] for a, _ in pairs]).astype(float)
-    b_all = np.stack([b.correct[split] for _, b in pairs]).astype(float)
-    diff = (a_all - b_all).mean(axis=0)  # per example, averaged over seeds
-    low, high = bootstrap_interval(diff, resamples, seed)
-    ahead = sum(float(r[3]) > 0 for r in rows)
-    behind = sum(float(r[3]) < 0 for r in rows)
-    summary = {"split": split, "examples": int(diff.size), "seeds": len(pairs), "a_mean": 100 * a_all.mean(),
-               "b_mean": 100 * b_all.mean(), "diff": 100 * diff.mean(), "low": 100 * low, "high": 100 * high,
-               "a_ahead": ahead, "b_ahead": behind}
+        sa, sb = a.splits[split], b.splits[split]
+        fa, fb = 100 * float(score(sa.stats.sum(0))), 100 * float(score(sb.stats.sum(0)))
+        a_scores.append(fa)
+        b_scores.append(fb)
+        a_better, b_better = int((sa.merit > sb.merit).sum()), int((sb.merit > sa.merit).sum())
+        rows.append([a.seed, f"{fa:.2f}", f"{fb:.2f}", f"{fa - fb:+.2f}", a_better, b_better,
+                     f"{sign_test_p(a_better, b_better):.2f}"])
+    low, high = bootstrap_interval([(a.splits[split].stats, b.splits[split].stats) for a, b in pairs], score,
+                                   resamples, seed)
+    diffs = np.array(a_scores) - np.array(b_scores)
+    summary = {"split": split, "metric": metric, "examples": int(pairs[0][0].splits[split].stats.shape[0]),
+               "seeds": len(pairs), "a_mean": float(np.mean(a_scores)), "b_mean": float(np.mean(b_scores)),
+               "diff": float(diffs.mean()), "low": 100 * low, "high": 100 * high,
+               "a_ahead": int((diffs > 0).sum()), "b_ahead": int((diffs < 0).sum())}
     rows.append(["mean", f"{summary['a_mean']:.2f}", f"{summary['b_mean']:.2f}", f"{summary['diff']:+.2f}",
                  f"95 % interval over examples: [{summary['low']:+.2f}, {summary['high']:+.2f}]",
-                 f"{a_name} ahead in {ahead}, {b_name} in {behind} of {len(pairs)} seeds", ""])
-    headers = ["seed", f"{a_name} acc. %", f"{b_name} acc. %", f"{a_name} − {b_name}", f"{a_name} right, {b_name} wrong",
-               f"{b_name} right, {a_name} wrong", "McNemar p"]
+                 f"{a_name} ahead in {summary['a_ahead']}, {b_name} in {summary['b_ahead']} of {len(pairs)} seeds", ""])
+    unit = METRIC_NAME[metric]
+    test = "McNemar p" if metric == "accuracy" else "sign test p"
+    headers = ["seed", f"{a_name} {unit}", f"{b_name} {unit}", f"{a_name} − {b_name}", f"{a_name} better (examples)",
+               f"{b_name} better (examples)", test]
     return markdown_table(headers, rows), summary
 
 
@@ -195,10 +302,14 @@ def main(argv: Optional[list[str]] = None) -> tuple[str, list[dict]]:
     if args.resamples < 100:
         parser.error(f"--resamples={args.resamples}: use at least 100 for a 95 % interval")
 
-    torch.set_grad_enabled(False)
+    verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the head's "newly initialized" notice: the adapter restores it
-    a = [evaluate_run(p, args.task, args.data_dir, args.model_name_or_path) for p in args.a]
-    b = [evaluate_run(p, args.task, args.data_dir, args.model_name_or_path) for p in args.b]
+    try:
+        with torch.no_grad():
+            a = [evaluate_run(p, args.task, args.data_dir, args.model_name_or_path) for p in args.a]
+            b = [evaluate_run(p, args.task, args.data_dir, args.model_name_or_path) for p in args.b]
+    finally:
+        transformers.logging.set_verbosity(verbosity)
     pairs = pair_runs(a, b)
     names = (a[0].method, b[0].method)
     if names[0] == names[1]:
@@ -207,11 +318,11 @@ def main(argv: Optional[list[str]] = None) -> tuple[str, list[dict]]:
              f"`{' '.join(['.venv/bin/python', 'benchmarks/paired.py', *(argv if argv is not None else sys.argv[1:])])}`",
              "", *machine_lines(), f"- {names[0]}: " + ", ".join(str(r.path) for r in a),
              f"- {names[1]}: " + ", ".join(str(r.path) for r in b),
-             f"- Bootstrap: {args.resamples} resamples of the examples (seed {args.seed}); every run's accuracy was "
-             "reproduced exactly from its saved weights before comparing.", ""]
+             f"- Bootstrap: {args.resamples} resamples of the examples (seed {args.seed}); every run's score was "
+             "reproduced from its saved weights (to 1e-6) before comparing.", ""]
     summaries = []
     for split in SPLITS:
-        table, summary = split_table(pairs, split, names, args.resamples, args.seed)
+        table, summary = split_table(pairs, split, names, METRIC[args.task], args.resamples, args.seed)
         summaries.append(summary)
         lines += [f"## {split} ({summary['examples']} examples)", "", table, ""]
     text = "\n".join(lines)

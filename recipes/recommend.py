@@ -247,15 +247,19 @@ class PairCollator:
 
 
 # ------------------------------------------------------------------------------------------------------ metrics
-def rank_metrics(positive: torch.Tensor, negatives: torch.Tensor) -> dict[str, float]:
-    """Mean HR@10, NDCG@10 and AUC of each row's positive score against its negatives (ties count half)."""
+def user_rank_metrics(positive: torch.Tensor, negatives: torch.Tensor) -> dict[str, torch.Tensor]:
+    """HR@10, NDCG@10 and AUC of each row's positive score against its negatives (ties count half), per row."""
     higher = (negatives > positive[:, None]).float().sum(1)
     ties = (negatives == positive[:, None]).float().sum(1)
     rank = higher + 0.5 * ties  # 0 = ranked first
     hit = rank < K
     ndcg = torch.where(hit, 1.0 / torch.log2(rank + 2.0), torch.zeros_like(rank))
-    auc = 1.0 - rank / negatives.shape[1]
-    return {"hr_at_10": hit.float().mean().item(), "ndcg_at_10": ndcg.mean().item(), "auc": auc.mean().item()}
+    return {"hr_at_10": hit.float(), "ndcg_at_10": ndcg, "auc": 1.0 - rank / negatives.shape[1]}
+
+
+def rank_metrics(positive: torch.Tensor, negatives: torch.Tensor) -> dict[str, float]:
+    """The means over rows of `user_rank_metrics`."""
+    return {name: values.mean().item() for name, values in user_rank_metrics(positive, negatives).items()}
 
 
 def popularity_metrics(cases: list[EvalCase], popularity: Counter) -> dict[str, float]:
@@ -285,6 +289,87 @@ def embed_all(accelerator, model: BiEncoder, loader) -> torch.Tensor:
     return torch.stack([chunks[i] for i in range(len(chunks))])
 
 
+def eval_items(split: Split) -> list[int]:
+    """Every movie ranked in validation or test (held-out likes and their negatives), sorted."""
+    return sorted({i for cases in (split.validation, split.test) for c in cases for i in (c.positive, *c.negatives)})
+
+
+class RankingEvaluator:
+    """Ranks each validation or test user's held-out like against its negatives with a `BiEncoder`.
+
+    `item_ids` maps (at least) every movie of `eval_items(split)` to the token ids of its text, `encode(texts,
+    max_length)` tokenizes profiles. Calling it returns (metrics, report), the recipe's per-epoch evaluation.
+    """
+
+    def __init__(self, args: argparse.Namespace, accelerator, tokenizer, split: Split, movies: dict[int, Movie],
+                 item_ids: dict[int, list[int]], encode) -> None:
+        self.args, self.accelerator, self.tokenizer = args, accelerator, tokenizer
+        self.cases = {"validation": split.validation, "test": split.test}
+        items = eval_items(split)
+        self.item_loader = self._loader([item_ids[i] for i in items])
+        self.item_row = {item: row for row, item in enumerate(items)}
+        self.profile_loaders = {name: self._loader(encode([profile_text(c.profile, movies) for c in group],
+                                                          args.max_length)) for name, group in self.cases.items()}
+        self.baselines = {name: popularity_metrics(group, split.popularity) for name, group in self.cases.items()}
+        self.item_cache: dict[float, torch.Tensor] = {}
+
+    def _loader(self, token_ids: list[list[int]]):
+        features = [{"input_ids": ids, "index": i} for i, ids in enumerate(token_ids)]
+        pad = C.IndexedCollator(lambda batch: self.tokenizer.pad(batch, return_tensors="pt"))
+        return self.accelerator.prepare(C.eval_dataloader(features, pad, self.args.per_device_eval_batch_size))
+
+    def scores(self, model: BiEncoder, name: str) -> torch.Tensor:
+        """(users, 1 + negatives) cosine scores of the `name` split's users; the held-out like is column 0."""
+        users = embed_all(self.accelerator, model, self.profile_loaders[name])
+        # Encoding the catalogue is most of the cost: reuse it while the weights are unchanged (last epoch -> test).
+        key = weights_fingerprint(model)
+        if key not in self.item_cache:
+            self.item_cache.clear()
+            self.item_cache[key] = embed_all(self.accelerator, model, self.item_loader)
+        items = self.item_cache[key]
+        rows = torch.tensor([[self.item_row[c.positive]] + [self.item_row[n] for n in c.negatives]
+                             for c in self.cases[name]])
+        return torch.einsum("uh,unh->un", users, items[rows])
+
+    def __call__(self, model: BiEncoder, name: str) -> tuple[dict, str]:
+        scores = self.scores(model, name)
+        cases, args = self.cases[name], self.args
+        metrics = {**rank_metrics(scores[:, 0], scores[:, 1:]), **self.baselines[name], "num_users": len(cases)}
+        report = "\n".join([f"{name}: {len(cases)} users, each held-out like ranked against "
+                            f"{args.num_eval_negatives} movies the user never rated", "",
+                            f"{'scorer':<12} {'HR@10':>8} {'NDCG@10':>8} {'AUC':>8}",
+                            f"{'model':<12} {metrics['hr_at_10']:>8.4f} {metrics['ndcg_at_10']:>8.4f} "
+                            f"{metrics['auc']:>8.4f}",
+                            f"{'popularity':<12} {metrics['popularity_hr_at_10']:>8.4f} "
+                            f"{metrics['popularity_ndcg_at_10']:>8.4f} {metrics['popularity_auc']:>8.4f}", ""])
+        return metrics, report
+
+
+def load_split(args: argparse.Namespace) -> tuple[dict[int, Movie], Split, Path]:
+    """The movies and the leave-last-out split of `args.data_dir` (or the shared MovieLens), cut to the sample limits."""
+    folder = C.resolve_data_dir(args.data_dir, DEFAULTS.dataset, FILES)
+    movies = read_movies(folder / "movies.csv")
+    ratings = read_ratings(folder / "ratings.csv")
+    C.require_nonempty(movies, "movies", str(folder / "movies.csv"))
+    split = leave_last_out(ratings, movies, args.positive_threshold, args.profile_size, args.max_targets_per_user,
+                           args.train_negatives, args.num_eval_negatives, args.split_seed)
+    split.train = C.take(split.train, args.max_train_samples)
+    split.validation = C.take(split.validation, args.max_eval_samples)
+    split.test = C.take(split.test, args.max_eval_samples)
+    for name in ("train", "validation", "test"):
+        C.require_nonempty(getattr(split, name), name, f"{folder / 'ratings.csv'}: users need >= 3 likes (rating >= "
+                           f"{args.positive_threshold:g}) to be split")
+    return movies, split, folder
+
+
+def item_token_ids(args: argparse.Namespace, tokenizer, movies: dict[int, Movie], split: Split,
+                   items: Sequence[int]) -> dict[int, list[int]]:
+    """Token ids of each movie's text (with its popularity decile unless --no-popularity_in_text)."""
+    levels = popularity_levels(split.popularity, sorted(movies)) if args.popularity_in_text else {}
+    texts = [movie_text(movies[i], levels.get(i)) for i in items]
+    return dict(zip(items, tokenizer(texts, truncation=True, max_length=args.item_max_length)["input_ids"]))
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """The recipe's flags with every default resolved (what `main` runs with and metrics.json records)."""
     return C.parse_args(__doc__.splitlines()[0], DEFAULTS, add_task_args, argv=argv)
@@ -299,18 +384,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.load_in_8bit or args.load_in_4bit:
         raise C.RecipeError("recommend.py trains an encoder without a task head; --load_in_8bit/--load_in_4bit are "
                             "supported by the classification recipes only")
-    folder = C.resolve_data_dir(args.data_dir, DEFAULTS.dataset, FILES)
-    movies = read_movies(folder / "movies.csv")
-    ratings = read_ratings(folder / "ratings.csv")
-    C.require_nonempty(movies, "movies", str(folder / "movies.csv"))
-    split = leave_last_out(ratings, movies, args.positive_threshold, args.profile_size, args.max_targets_per_user,
-                           args.train_negatives, args.num_eval_negatives, args.split_seed)
-    split.train = C.take(split.train, args.max_train_samples)
-    split.validation = C.take(split.validation, args.max_eval_samples)
-    split.test = C.take(split.test, args.max_eval_samples)
-    for name in ("train", "validation", "test"):
-        C.require_nonempty(getattr(split, name), name, f"{folder / 'ratings.csv'}: users need >= 3 likes (rating >= "
-                           f"{args.positive_threshold:g}) to be split")
+    movies, split, _ = load_split(args)
 
     from transformers import AutoModel
 
@@ -322,10 +396,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     def encode(texts: list[str], max_length: int) -> list[list[int]]:
         return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
 
-    eval_items = sorted({i for cases in (split.validation, split.test) for c in cases for i in (c.positive, *c.negatives)})
-    needed = sorted({i for e in split.train for i in (e.target, *e.negatives)} | set(eval_items))
-    levels = popularity_levels(split.popularity, sorted(movies)) if args.popularity_in_text else {}
-    item_ids = dict(zip(needed, encode([movie_text(movies[i], levels.get(i)) for i in needed], args.item_max_length)))
+    needed = sorted({i for e in split.train for i in (e.target, *e.negatives)} | set(eval_items(split)))
+    item_ids = item_token_ids(args, tokenizer, movies, split, needed)
     train_profiles = encode([profile_text(e.profile, movies) for e in split.train], args.max_length)
     train_features = [{"profile": p, "items": [item_ids[e.target]] + [item_ids[n] for n in e.negatives],
                        "length": len(p) + sum(len(item_ids[i]) for i in (e.target, *e.negatives))}
@@ -340,40 +412,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     encoder = C.apply_method(encoder, args, "FEATURE_EXTRACTION", schedule.max_train_steps)
     model = BiEncoder(encoder, args.temperature)
 
-    def indexed_loader(token_ids: list[list[int]]):
-        features = [{"input_ids": ids, "index": i} for i, ids in enumerate(token_ids)]
-        pad = C.IndexedCollator(lambda batch: tokenizer.pad(batch, return_tensors="pt"))
-        return accelerator.prepare(C.eval_dataloader(features, pad,
-                                                      args.per_device_eval_batch_size))
-
-    item_loader = indexed_loader([item_ids[i] for i in eval_items])
-    item_row = {item: row for row, item in enumerate(eval_items)}
-    cases = {"validation": split.validation, "test": split.test}
-    profile_loaders = {name: indexed_loader(encode([profile_text(c.profile, movies) for c in group], args.max_length))
-                       for name, group in cases.items()}
-    baselines = {name: popularity_metrics(group, split.popularity) for name, group in cases.items()}
-
-    item_cache: dict[float, torch.Tensor] = {}
-
-    def evaluate(model: BiEncoder, name: str) -> tuple[dict, str]:
-        users = embed_all(accelerator, model, profile_loaders[name])
-        # Encoding the catalogue is most of the cost: reuse it while the weights are unchanged (last epoch -> test).
-        key = weights_fingerprint(model)
-        if key not in item_cache:
-            item_cache.clear()
-            item_cache[key] = embed_all(accelerator, model, item_loader)
-        items = item_cache[key]
-        rows = torch.tensor([[item_row[c.positive]] + [item_row[n] for n in c.negatives] for c in cases[name]])
-        scores = torch.einsum("uh,unh->un", users, items[rows])
-        metrics = {**rank_metrics(scores[:, 0], scores[:, 1:]), **baselines[name], "num_users": len(cases[name])}
-        report = "\n".join([f"{name}: {len(cases[name])} users, each held-out like ranked against "
-                            f"{args.num_eval_negatives} movies the user never rated", "",
-                            f"{'scorer':<12} {'HR@10':>8} {'NDCG@10':>8} {'AUC':>8}",
-                            f"{'model':<12} {metrics['hr_at_10']:>8.4f} {metrics['ndcg_at_10']:>8.4f} "
-                            f"{metrics['auc']:>8.4f}",
-                            f"{'popularity':<12} {metrics['popularity_hr_at_10']:>8.4f} "
-                            f"{metrics['popularity_ndcg_at_10']:>8.4f} {metrics['popularity_auc']:>8.4f}", ""])
-        return metrics, report
+    evaluate = RankingEvaluator(args, accelerator, tokenizer, split, movies, item_ids, encode)
 
     result = C.train(args, accelerator, model, train_features, PairCollator(tokenizer), evaluate, schedule,
                      task="recommend", compute_loss=lambda m, batch: m(**batch))
@@ -391,7 +430,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         "    hidden = model(**batch).last_hidden_state\n    mask = batch['attention_mask'].unsqueeze(-1)\n"
         "    return F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)\n\n"
         'user = embed(["Genres liked: Comedy, Drama. Recently liked: Toy Story (1995); Heat (1995)."])\n'
-        f'movies = embed(["{movie_text(Movie("Jumanji (1995)", ["Adventure", "Children", "Fantasy"]), 8 if levels else None)}"])\n'
+        f'movies = embed(["{movie_text(Movie("Jumanji (1995)", ["Adventure", "Children", "Fantasy"]), 8 if args.popularity_in_text else None)}"])\n'
         "scores = user @ movies.T  # higher = more likely to be liked"
     )
     C.save_outputs(args, accelerator, model, tokenizer, result, C.RunOutputs(

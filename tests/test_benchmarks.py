@@ -205,12 +205,18 @@ def test_device_check_passes_on_the_cpu_with_a_tiny_bert(tmp_path: Path) -> None
 
 def test_paired_statistics() -> None:
     paired = load_script("paired")
-    assert paired.mcnemar_p(0, 0) == 1.0 and paired.mcnemar_p(5, 5) == 1.0
-    assert paired.mcnemar_p(10, 0) == pytest.approx(2 / 2**10)
-    assert paired.bootstrap_interval(np.full(50, 0.25), 200, seed=0) == (0.25, 0.25)
+    assert paired.sign_test_p(0, 0) == 1.0 and paired.sign_test_p(5, 5) == 1.0
+    assert paired.sign_test_p(10, 0) == pytest.approx(2 / 2**10)
+    assert paired.entity_f1(np.array([8.0, 2.0, 2.0])) == pytest.approx(0.8)  # 2·8 / (2·8 + 2 + 2)
+    assert paired.entity_f1(np.zeros(3)) == 0.0
+    ones = np.ones(50)
+    right, wrong = np.stack([ones, ones], axis=1), np.stack([0 * ones, ones], axis=1)
+    assert paired.bootstrap_interval([(right, wrong)], paired.ratio, 200, seed=0) == (1.0, 1.0)
     rng = np.random.default_rng(1)
-    diff = rng.choice([-1.0, 0.0, 1.0], size=2000, p=[0.1, 0.8, 0.1])
-    low, high = paired.bootstrap_interval(diff, 2000, seed=0)
+    a, b = (rng.random(2000) < p for p in (0.8, 0.75))
+    pair = tuple(np.stack([x.astype(float), np.ones(2000)], axis=1) for x in (a, b))
+    low, high = paired.bootstrap_interval([pair], paired.ratio, 2000, seed=0)
+    diff = a.astype(float) - b
     half = 1.96 * diff.std() / np.sqrt(diff.size)  # the normal approximation's half-width
     assert low < diff.mean() < high and (high - low) / 2 == pytest.approx(half, rel=0.15)
 
@@ -251,6 +257,52 @@ def test_paired_reproduces_runs_and_pairs_them_by_seed(tmp_path: Path) -> None:
     metrics_file.write_text(json.dumps(metrics))
     with pytest.raises(SystemExit, match="reproduces as"):
         paired.main(argv)
+
+
+def test_paired_ner_recomputes_corpus_f1_from_sentence_counts(tmp_path: Path) -> None:
+    """NER: per-sentence entity counts whose sums give back each run's seqeval F1 (nonzero here, so it is a check)."""
+    from test_recipes import _tiny_bert, run_recipe, small, write_conll
+
+    model, data = _tiny_bert(tmp_path / "tiny", dropout=0.0), write_conll(tmp_path / "conll")
+    runs = {}
+    for method in ("lra", "lora"):
+        runs[method] = tmp_path / method
+        run_recipe("ner.py", *small(model, data, runs[method], "--method", method, "--max_train_steps", "30",
+                                    "--learning_rate", "2e-2"))
+    recorded = {m: json.loads((runs[m] / "metrics.json").read_text()) for m in runs}
+    assert recorded["lra"]["test_f1"] > 0 and recorded["lora"]["test_f1"] > 0
+    paired = load_script("paired")
+    text, summaries = paired.main(["--task", "ner", "--a", str(runs["lra"]), "--b", str(runs["lora"]),
+                                   "--resamples", "200", "--out", str(tmp_path / "paired.md")])
+    for summary in summaries:
+        prefix = {"validation": "eval", "test": "test"}[summary["split"]]
+        assert summary["metric"] == "f1" and summary["examples"] == 8
+        assert summary["a_mean"] == pytest.approx(100 * recorded["lra"][f"{prefix}_f1"], abs=1e-6)
+        assert summary["b_mean"] == pytest.approx(100 * recorded["lora"][f"{prefix}_f1"], abs=1e-6)
+        assert summary["low"] <= summary["diff"] <= summary["high"]
+    assert "entity F1" in text and "sign test p" in text
+
+
+def test_paired_recommendation_runs_compare_users_ndcg(tmp_path: Path) -> None:
+    """The recommender's runs: per-user NDCG@10 through the recipe's own evaluator, reproduced before comparing."""
+    from test_recipes import _tiny_bert, run_recipe, small, write_movielens
+
+    model, data = _tiny_bert(tmp_path / "tiny", dropout=0.0), write_movielens(tmp_path / "movielens")
+    runs = {}
+    for method in ("lra", "full"):
+        runs[method] = tmp_path / method
+        run_recipe("recommend.py", *small(model, data, runs[method], "--method", method, "--max_train_steps", "4",
+                                          "--num_eval_negatives", "9"))
+    paired = load_script("paired")
+    text, summaries = paired.main(["--task", "recommend", "--a", str(runs["lra"]), "--b", str(runs["full"]),
+                                   "--resamples", "200", "--out", str(tmp_path / "paired.md")])
+    for summary in summaries:
+        prefix = {"validation": "eval", "test": "test"}[summary["split"]]
+        recorded = {m: json.loads((runs[m] / "metrics.json").read_text())[f"{prefix}_ndcg_at_10"] for m in runs}
+        assert summary["metric"] == "ndcg_at_10" and summary["examples"] > 1
+        assert summary["a_mean"] == pytest.approx(100 * recorded["lra"], abs=1e-4)
+        assert summary["b_mean"] == pytest.approx(100 * recorded["full"], abs=1e-4)
+    assert "sign test p" in text and "NDCG@10 × 100" in text
 
 
 if __name__ == "__main__":
