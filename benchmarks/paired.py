@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,8 +32,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-import torch
-import transformers
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # runs load from local folders only
+import torch  # noqa: E402
+import transformers  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes"))
