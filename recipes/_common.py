@@ -1020,12 +1020,16 @@ def read_table(path: Path, text_column: str, label_column: str, delimiter: str =
 
 
 def classification_metrics(gold: Sequence[int], pred: Sequence[int], labels: list[str]) -> tuple[dict, str]:
-    """Accuracy and macro-F1; with two classes also the binary F1 of the second label (SST-2: label "1")."""
+    """Accuracy and macro-F1; with two classes also the binary F1 of the second label (SST-2: label "1").
+
+    Macro-F1 averages over the classes that occur in `gold` or `pred` (scikit-learn's default), so that classes an
+    evaluation slice (--max_eval_samples) does not contain do not count as F1 = 0.
+    """
     from sklearn.metrics import accuracy_score, classification_report, f1_score
 
     ids = list(range(len(labels)))
     metrics = {"accuracy": float(accuracy_score(gold, pred)),
-               "macro_f1": float(f1_score(gold, pred, labels=ids, average="macro", zero_division=0))}
+               "macro_f1": float(f1_score(gold, pred, average="macro", zero_division=0))}
     if len(labels) == 2:
         metrics["f1"] = float(f1_score(gold, pred, pos_label=1, average="binary", zero_division=0))
     report = classification_report(gold, pred, labels=ids, target_names=labels, digits=4, zero_division=0)
@@ -1036,13 +1040,16 @@ def run_text_classification(args: argparse.Namespace, task: str, dataset: str, s
                             where: dict[str, str], started: float) -> Optional[dict]:
     """Train and evaluate a sequence classifier on {train, validation, test} (text, label) splits; save outputs.
 
-    The label set is the training split's (sorted); a label only seen in an evaluation split is an error.
+    The label set is the whole training split's (sorted), also under --max_train_samples; a label only seen in an
+    evaluation split is an error.
     """
+    # As run_glue does: the label set comes before --max_train_samples, so a quick run on the first N rows of a file
+    # sorted by class (Banking77's train.csv is) keeps every class and the head of a full run.
+    labels = sorted({label for _, label in splits["train"]})
     splits = {"train": take(splits["train"], args.max_train_samples),
               **{s: take(splits[s], args.max_eval_samples) for s in ("validation", "test")}}
     for split, rows in splits.items():
         require_nonempty(rows, split, where[split])
-    labels = sorted({label for _, label in splits["train"]})
     for split in ("validation", "test"):
         check_labels_known([label for _, label in splits[split]], set(labels), split, where[split])
     label2id = {label: i for i, label in enumerate(labels)}

@@ -5,7 +5,8 @@
 
 Reads `train.csv` and `test.csv` (header `text,category`; quoted texts may span lines). Banking77 has no validation
 split, so `--validation_split_percentage` of each class of `train.csv` is held out with `--split_seed` (stratified,
-fixed, independent of --seed). Reports accuracy and macro-F1 over the classes found in the training file.
+fixed, independent of --seed). The classes are those of the whole training file, also with --max_train_samples.
+Reports accuracy and macro-F1.
 """
 
 from __future__ import annotations

@@ -110,11 +110,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     started = time.perf_counter()
     args = parse_args(argv)
     splits, where = load_splits(args)
+    labels = sorted({tag for _, tags in splits["train"] for tag in tags})  # before --max_train_samples, as run_ner
     splits = {"train": C.take(splits["train"], args.max_train_samples),
               **{s: C.take(splits[s], args.max_eval_samples) for s in ("validation", "test")}}
     for split, sentences in splits.items():
         C.require_nonempty(sentences, split, where[split])
-    labels = sorted({tag for _, tags in splits["train"] for tag in tags})
     for split in ("validation", "test"):
         C.check_labels_known([t for _, tags in splits[split] for t in tags], set(labels), split, where[split])
     label2id = {label: i for i, label in enumerate(labels)}

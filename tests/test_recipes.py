@@ -469,6 +469,39 @@ def test_eval_label_never_seen_in_training_is_an_error(tiny_model, tmp_path):
     assert_clean_error(proc, "'B-NEW'")
 
 
+def test_max_train_samples_keeps_every_class_of_the_training_file(tiny_model, tmp_path):
+    # Banking77's train.csv is sorted by class, so its first rows hold one class; the validation split (carved out of
+    # the whole file) has them all. A quick run must still train and evaluate a head over every class.
+    banking = write_banking(tmp_path / "banking")
+    with open(banking / "train.csv", newline="") as f:
+        rows = sorted(csv.DictReader(f), key=lambda row: row["category"])
+    with open(banking / "train.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["text", "category"])
+        writer.writeheader()
+        writer.writerows(rows)
+    out = tmp_path / "intent"
+    run_recipe("intent.py", *small(tiny_model, banking, out, "--max_train_samples", "4", "--max_train_steps", "1"))
+    assert json.loads((out / "labels.json").read_text()) == sorted(INTENTS)
+    assert len(adapter(out)["base_model.model.classifier.weight"]) == len(INTENTS)
+
+    # The first training sentence has no ORG entity; the validation sentences do.
+    out = tmp_path / "ner"
+    run_recipe("ner.py", *small(tiny_model, write_conll(tmp_path / "conll"), out, "--max_train_samples", "1",
+                                "--max_train_steps", "1"))
+    assert {"B-ORG", "I-ORG"} <= set(json.loads((out / "labels.json").read_text()))
+
+
+def test_macro_f1_of_an_evaluation_slice_ignores_classes_it_does_not_contain():
+    import _common
+
+    labels = ["a", "b", "c", "d"]
+    metrics, report = _common.classification_metrics(gold=[0, 0, 1, 1], pred=[0, 0, 1, 0], labels=labels)
+    # Classes a and b only: F1 0.8 and 0.667. Counting c and d as F1 = 0 would halve it.
+    assert metrics["macro_f1"] == pytest.approx((0.8 + 2 / 3) / 2)
+    assert metrics["accuracy"] == 0.75
+    assert all(name in report for name in labels)
+
+
 def test_empty_split_is_an_error(tiny_model, tmp_path):
     sst2 = write_sst2(tmp_path / "sst2")
     (sst2 / "dev.tsv").write_text("sentence\tlabel\n")
