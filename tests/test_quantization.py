@@ -197,7 +197,9 @@ def test_training_reaches_only_lra_parameters(checkpoint, quant):
 @pytest.mark.parametrize("quant", ["int8", "nf4"])
 def test_prepare_model_for_kbit_training_then_a_few_steps_lower_the_loss(checkpoint, quant):
     model = quantized_load(AutoModelForSequenceClassification, checkpoint, bnb_config(quant), num_labels=3)
-    model = prepare_model_for_kbit_training(model)  # gradient checkpointing on, inputs require grads
+    # Gradient checkpointing on, inputs require grads; non-reentrant checkpointing, as the docs show (PyTorch warns
+    # when use_reentrant is left unset).
+    model = prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={"use_reentrant": False})
     assert model.is_gradient_checkpointing
     torch.manual_seed(0)
     peft_model = get_peft_model(model, LRAConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
