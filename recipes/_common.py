@@ -69,6 +69,7 @@ class TaskDefaults:
     max_length: int = 128
     # LRA's --init_weights, chosen per task on validation over three seeds (docs/recipes.md#choosing-the-initialisation)
     init_weights: Union[bool, str] = "principal"
+    target_modules: Union[str, list[str]] = field(default_factory=lambda: ["query", "key", "value", "dense"])
     output_dir: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -145,7 +146,7 @@ def build_parser(description: str, defaults: TaskDefaults) -> argparse.ArgumentP
     model.add_argument("--uv_gain", type=float, default=2.0,
                        help="LRA, with --uv_lr_scale auto: the largest max λ₀·s whose U and V keep the full learning "
                             "rate (lra_peft.optimizer.UV_GAIN).")
-    model.add_argument("--target_modules", type=_parse_target_modules, default=["query", "key", "value", "dense"],
+    model.add_argument("--target_modules", type=_parse_target_modules, default=defaults.target_modules,
                        help="Comma-separated module names, or all-linear.")
     model.add_argument("--target_r", type=int, default=None,
                        help="Adaptive rank: average final rank per layer (LRA with allocation; AdaLoRA default r/2).")
@@ -677,7 +678,9 @@ def _resume_key(args: argparse.Namespace, accelerator: Any) -> dict:
     """The settings a checkpoint is only valid for: they fix the model's shape and which batches were seen."""
     keys = ("method", "r", "target_modules", "model_name_or_path", "per_device_train_batch_size",
             "gradient_accumulation_steps", "seed", "max_train_samples", "group_by_length", "max_length")
-    return {**{k: getattr(args, k) for k in keys}, "num_processes": accelerator.num_processes}
+    # A recipe's own flags that change which batches a step sees (instruct.py's --packing) count as well.
+    own = {k: getattr(args, k) for k in ("packing",) if hasattr(args, k)}
+    return {**{k: getattr(args, k) for k in keys}, **own, "num_processes": accelerator.num_processes}
 
 
 def train(args: argparse.Namespace, accelerator: Any, model: nn.Module, train_features: list[dict],
@@ -729,8 +732,12 @@ def train(args: argparse.Namespace, accelerator: Any, model: nn.Module, train_fe
             raise RecipeError(f"--resume_from_checkpoint {checkpoint}: it was written by a run with other settings "
                               + ", ".join(f"{k}={old!r} (now {new!r})" for k, (new, old) in changed.items())
                               + "; resume with the same flags and process count, or start a new --output_dir")
+        # A bitsandbytes base lists its quantization state (absmax, quant_map, ...) as state-dict entries that a
+        # freshly quantized model does not expect; that base is frozen and rebuilt identically from the same
+        # checkpoint and init, so the trained weights load and the quantized base's extra entries are ignored.
+        quantized = getattr(args, "load_in_4bit", False) or getattr(args, "load_in_8bit", False)
         try:
-            accelerator.load_state(str(checkpoint))
+            accelerator.load_state(str(checkpoint), **({"strict": False} if quantized else {}))
         except (RuntimeError, KeyError, FileNotFoundError, ValueError) as exc:
             raise RecipeError(f"--resume_from_checkpoint {checkpoint}: could not load it into this model "
                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]})") from None
