@@ -656,6 +656,14 @@ def make_accelerator(args: argparse.Namespace) -> Any:
     # `accelerate launch --multi_gpu --num_processes N` on a machine without GPUs starts N processes that Accelerate
     # would run as N unrelated single-process jobs; cpu=True makes them one gloo process group instead.
     accelerator = Accelerator(cpu=world_size > 1 and not has_device, **kwargs)
+    # Accelerate (1.15, state.py) selects FSDP or DeepSpeed only for multi-GPU (or other accelerator) process groups;
+    # on CPUs a config asking for them would silently run plain data parallelism with the whole model per process.
+    for variable, engine in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED")):
+        if os.environ.get(variable, "false").lower() == "true" and accelerator.distributed_type != engine:
+            raise RecipeError(f"the Accelerate config asks for {engine} but Accelerate runs this job as "
+                              f"{accelerator.distributed_type.value} ({accelerator.device.type}): Accelerate shards models "
+                              "only on GPUs (or other accelerators). On CPUs use recipes/configs/ddp.yaml or "
+                              "`accelerate launch --multi_gpu --num_processes N` (see docs/distributed.md)")
     if accelerator.num_processes != world_size:
         raise RecipeError(f"the launcher started {world_size} processes but Accelerate sees {accelerator.num_processes}"
                           "; on CPUs use `accelerate launch --multi_gpu --num_processes N` (see docs/recipes.md)")

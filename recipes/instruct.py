@@ -222,6 +222,11 @@ def greedy(model: nn.Module, tokenizer: Any, prompts: list[list[int]], max_new_t
     """Greedy continuations of `prompts`, decoded without special tokens. `synced` keeps every process stepping
     until all are done (Transformers' `synced_gpus`), which sharded models (FSDP, ZeRO-3) need."""
     inputs = {k: v.to(device) for k, v in left_padded(prompts, tokenizer.pad_token_id).items()}
+    # Models with learned positions (GPT-2) fail past their last position: stop there rather than crash.
+    config = model.config
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit is not None:
+        max_new_tokens = max(1, min(max_new_tokens, limit - inputs["input_ids"].shape[1]))
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                          pad_token_id=tokenizer.pad_token_id, synced_gpus=synced)
     return [tokenizer.decode(row, skip_special_tokens=True) for row in out[:, inputs["input_ids"].shape[1]:]]

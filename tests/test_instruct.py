@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_recipes import ENV, PYTHON, REPO, adapter, assert_clean_error, assert_same_weights, run_recipe
+from test_recipes import ACCELERATE, ENV, PYTHON, REPO, adapter, assert_clean_error, assert_same_weights, run_recipe
 
 instruct = importlib.import_module("instruct")  # recipes/ is on sys.path through test_recipes
 CHARS = sorted(set(string.printable) - set("\x0b\x0c\r\t"))
@@ -223,3 +223,29 @@ def test_bad_input_is_a_clear_error_before_any_model_is_loaded(gpt2, tmp_path):
     assert_clean_error(run_recipe("instruct.py", *no_data, check=False), "--train_file")
     assert not (tmp_path / "o").exists()
 
+
+
+# ------------------------------------------------------------------------------------------------ multi-process
+def test_two_processes_with_the_ddp_config_give_the_same_adapter_and_generations_as_one(gpt2, tmp_path):
+    data = write_copy_task(tmp_path / "copy", n_train=32, n_validation=6)
+    common = ("--max_train_steps", "4", "--per_device_train_batch_size", "4", "--max_new_tokens", "4")
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_recipe("instruct.py", *args_for(gpt2, data, one, *common, "--gradient_accumulation_steps", "2"))
+    run_recipe("instruct.py", *args_for(gpt2, data, two, *common),
+               launcher=(ACCELERATE, "launch", "--config_file", str(REPO / "recipes/configs/ddp.yaml"),
+                         "--num_processes", "2", "--main_process_port", "29531"))
+    m1, m2 = (json.loads((o / "metrics.json").read_text()) for o in (one, two))
+    assert (m1["num_processes"], m2["num_processes"]) == (1, 2)
+    assert_same_weights(adapter(one), adapter(two), atol=1e-5)
+    assert m1["eval_loss"] == pytest.approx(m2["eval_loss"], abs=1e-5)
+    assert m1["eval_exact_match"] == m2["eval_exact_match"]
+    assert (one / "generations.jsonl").read_text() == (two / "generations.jsonl").read_text()
+
+
+def test_an_fsdp_config_on_cpus_is_refused_not_silently_run_unsharded(gpt2, tmp_path):
+    # What `accelerate launch --config_file recipes/configs/fsdp.yaml` sets; Accelerate ignores it without GPUs.
+    data = write_copy_task(tmp_path / "copy", n_train=8, n_validation=2)
+    proc = run_recipe("instruct.py", *args_for(gpt2, data, tmp_path / "o"), check=False,
+                      env={**ENV, "ACCELERATE_USE_FSDP": "true"})
+    assert_clean_error(proc, "asks for FSDP", "runs this job as", "ddp.yaml")
+    assert not (tmp_path / "o").exists()
