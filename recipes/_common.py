@@ -859,6 +859,10 @@ def save_outputs(args: argparse.Namespace, accelerator: Any, model: nn.Module, t
     """Write the adapter (or full model), tokenizer, labels, metrics.json, the report and README.md into
     `--output_dir`: each file is written in a temporary folder there and renamed into place."""
     accelerator.wait_for_everyone()
+    # FSDP and ZeRO-3 hold each weight in pieces: every process takes part in gathering the full state dict, which
+    # the main process then saves (the idiom of Transformers' no_trainer examples). Not run on CPUs (docs/distributed.md).
+    sharded = accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
+    full_state = accelerator.get_state_dict(model) if sharded else None
     if not accelerator.is_main_process:
         return None
     output_dir = Path(args.output_dir)
@@ -894,7 +898,10 @@ def save_outputs(args: argparse.Namespace, accelerator: Any, model: nn.Module, t
     (tmp / "README.md").write_text(model_card(args, run, metrics, peft_model is not None))
     # After the card and metrics.json: for an LRA adapter, lra_peft's save hook adds its own section (ranks, base,
     # the metrics of metrics.json) to the card; PEFT adds its metadata for other adapters.
-    saved.save_pretrained(str(tmp), safe_serialization=True)
+    if full_state is not None and saved is unwrapped:
+        saved.save_pretrained(str(tmp), safe_serialization=True, state_dict=full_state)
+    else:
+        saved.save_pretrained(str(tmp), safe_serialization=True)
     for item in sorted(tmp.iterdir(), key=lambda p: p.name == "README.md"):
         os.replace(item, output_dir / item.name)  # the card last: it describes files already in place
     tmp.rmdir()
