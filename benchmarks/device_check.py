@@ -281,7 +281,7 @@ def main(argv: Optional[list[str]] = None) -> tuple[str, bool]:
             sharded = _sharded.run(Path(tmp), device.type, args.num_processes, args.sharded_steps)
         ok = ok and all(row[-1] != "FAIL" for row in sharded)
         lines += ["", f"## recipes/instruct.py under sharded Accelerate configs ({args.sharded_steps} steps)", "",
-                  markdown_table(["config", "processes", "run", "max |Δ adapter| vs single", "result"], sharded)]
+                  markdown_table(["config", "processes", "run", "max abs Δ adapter vs single", "result"], sharded)]
     lines += ["", f"All checks passed: {'yes' if ok else 'NO'}"]
     text = "\n".join(lines)
     write_result(args.out or default_output(f"device-{device.type}"), text)
