@@ -16,7 +16,10 @@ compute in bfloat16 on CUDA) it loads the model for sequence classification, add
 - reload: save the trained adapter, load it onto a freshly loaded base, put the residual back
   (`restore_quantized_residual`) and compare the logits;
 - speed: median time of a training step (forward, backward, optimizer step) of LRA and of PEFT's LoRA at the same
-  rank and targets, on the bf16 base.
+  rank and targets, on the bf16 base;
+- sharded (on CUDA, or with --sharded_steps on any device): `recipes/instruct.py` launched with
+  recipes/configs/fsdp.yaml and zero3.yaml on all GPUs, against one plain process with the same global batch: the
+  same adapter within 1e-5 (see benchmarks/_sharded.py; a config that cannot run here is reported as not run).
 
 Run from the repository root (writes benchmarks/results/device-<device>.md and prints it; exits 1 if a check fails):
 
@@ -232,6 +235,10 @@ def main(argv: Optional[list[str]] = None) -> tuple[str, bool]:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--seq_len", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=20, help="timed training steps per method (0: no timing)")
+    parser.add_argument("--sharded_steps", type=int, default=20 if torch.cuda.is_available() else 0,
+                        help="training steps of the FSDP / ZeRO-3 recipe runs (0: skip them; default 20 on CUDA)")
+    parser.add_argument("--num_processes", type=int, default=max(1, torch.cuda.device_count()),
+                        help="processes of the sharded runs (default: one per GPU)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -267,6 +274,14 @@ def main(argv: Optional[list[str]] = None) -> tuple[str, bool]:
         timing = {m: step_time(path, m, device, batch, args.rounds) for m in ("lra", "lora")}
         lines += ["", markdown_table(["method (bf16 base)", "training step, median ms", "vs LoRA"],
                                      [[m, f"{t * 1e3:.2f}", f"{t / timing['lora']:.3f}"] for m, t in timing.items()])]
+    if args.sharded_steps > 0:
+        import _sharded
+
+        with tempfile.TemporaryDirectory() as tmp:
+            sharded = _sharded.run(Path(tmp), device.type, args.num_processes, args.sharded_steps)
+        ok = ok and all(row[-1] != "FAIL" for row in sharded)
+        lines += ["", f"## recipes/instruct.py under sharded Accelerate configs ({args.sharded_steps} steps)", "",
+                  markdown_table(["config", "processes", "run", "max abs Δ adapter vs single", "result"], sharded)]
     lines += ["", f"All checks passed: {'yes' if ok else 'NO'}"]
     text = "\n".join(lines)
     write_result(args.out or default_output(f"device-{device.type}"), text)

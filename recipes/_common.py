@@ -69,6 +69,7 @@ class TaskDefaults:
     max_length: int = 128
     # LRA's --init_weights, chosen per task on validation over three seeds (docs/recipes.md#choosing-the-initialisation)
     init_weights: Union[bool, str] = "principal"
+    target_modules: Union[str, list[str]] = field(default_factory=lambda: ["query", "key", "value", "dense"])
     output_dir: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -145,7 +146,7 @@ def build_parser(description: str, defaults: TaskDefaults) -> argparse.ArgumentP
     model.add_argument("--uv_gain", type=float, default=2.0,
                        help="LRA, with --uv_lr_scale auto: the largest max λ₀·s whose U and V keep the full learning "
                             "rate (lra_peft.optimizer.UV_GAIN).")
-    model.add_argument("--target_modules", type=_parse_target_modules, default=["query", "key", "value", "dense"],
+    model.add_argument("--target_modules", type=_parse_target_modules, default=defaults.target_modules,
                        help="Comma-separated module names, or all-linear.")
     model.add_argument("--target_r", type=int, default=None,
                        help="Adaptive rank: average final rank per layer (LRA with allocation; AdaLoRA default r/2).")
@@ -655,6 +656,14 @@ def make_accelerator(args: argparse.Namespace) -> Any:
     # `accelerate launch --multi_gpu --num_processes N` on a machine without GPUs starts N processes that Accelerate
     # would run as N unrelated single-process jobs; cpu=True makes them one gloo process group instead.
     accelerator = Accelerator(cpu=world_size > 1 and not has_device, **kwargs)
+    # Accelerate (1.15, state.py) selects FSDP or DeepSpeed only for multi-GPU (or other accelerator) process groups;
+    # on CPUs a config asking for them would silently run plain data parallelism with the whole model per process.
+    for variable, engine in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED")):
+        if os.environ.get(variable, "false").lower() == "true" and accelerator.distributed_type != engine:
+            raise RecipeError(f"the Accelerate config asks for {engine} but Accelerate runs this job as "
+                              f"{accelerator.distributed_type.value} ({accelerator.device.type}): Accelerate shards models "
+                              "only on GPUs (or other accelerators). On CPUs use recipes/configs/ddp.yaml or "
+                              "`accelerate launch --multi_gpu --num_processes N` (see docs/distributed.md)")
     if accelerator.num_processes != world_size:
         raise RecipeError(f"the launcher started {world_size} processes but Accelerate sees {accelerator.num_processes}"
                           "; on CPUs use `accelerate launch --multi_gpu --num_processes N` (see docs/recipes.md)")
@@ -677,7 +686,9 @@ def _resume_key(args: argparse.Namespace, accelerator: Any) -> dict:
     """The settings a checkpoint is only valid for: they fix the model's shape and which batches were seen."""
     keys = ("method", "r", "target_modules", "model_name_or_path", "per_device_train_batch_size",
             "gradient_accumulation_steps", "seed", "max_train_samples", "group_by_length", "max_length")
-    return {**{k: getattr(args, k) for k in keys}, "num_processes": accelerator.num_processes}
+    # A recipe's own flags that change which batches a step sees (instruct.py's --packing) count as well.
+    own = {k: getattr(args, k) for k in ("packing",) if hasattr(args, k)}
+    return {**{k: getattr(args, k) for k in keys}, **own, "num_processes": accelerator.num_processes}
 
 
 def train(args: argparse.Namespace, accelerator: Any, model: nn.Module, train_features: list[dict],
@@ -729,8 +740,12 @@ def train(args: argparse.Namespace, accelerator: Any, model: nn.Module, train_fe
             raise RecipeError(f"--resume_from_checkpoint {checkpoint}: it was written by a run with other settings "
                               + ", ".join(f"{k}={old!r} (now {new!r})" for k, (new, old) in changed.items())
                               + "; resume with the same flags and process count, or start a new --output_dir")
+        # A bitsandbytes base lists its quantization state (absmax, quant_map, ...) as state-dict entries that a
+        # freshly quantized model does not expect; that base is frozen and rebuilt identically from the same
+        # checkpoint and init, so the trained weights load and the quantized base's extra entries are ignored.
+        quantized = getattr(args, "load_in_4bit", False) or getattr(args, "load_in_8bit", False)
         try:
-            accelerator.load_state(str(checkpoint))
+            accelerator.load_state(str(checkpoint), **({"strict": False} if quantized else {}))
         except (RuntimeError, KeyError, FileNotFoundError, ValueError) as exc:
             raise RecipeError(f"--resume_from_checkpoint {checkpoint}: could not load it into this model "
                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]})") from None
@@ -844,6 +859,10 @@ def save_outputs(args: argparse.Namespace, accelerator: Any, model: nn.Module, t
     """Write the adapter (or full model), tokenizer, labels, metrics.json, the report and README.md into
     `--output_dir`: each file is written in a temporary folder there and renamed into place."""
     accelerator.wait_for_everyone()
+    # FSDP and ZeRO-3 hold each weight in pieces: every process takes part in gathering the full state dict, which
+    # the main process then saves (the idiom of Transformers' no_trainer examples). Not run on CPUs (docs/distributed.md).
+    sharded = accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
+    full_state = accelerator.get_state_dict(model) if sharded else None
     if not accelerator.is_main_process:
         return None
     output_dir = Path(args.output_dir)
@@ -879,7 +898,10 @@ def save_outputs(args: argparse.Namespace, accelerator: Any, model: nn.Module, t
     (tmp / "README.md").write_text(model_card(args, run, metrics, peft_model is not None))
     # After the card and metrics.json: for an LRA adapter, lra_peft's save hook adds its own section (ranks, base,
     # the metrics of metrics.json) to the card; PEFT adds its metadata for other adapters.
-    saved.save_pretrained(str(tmp), safe_serialization=True)
+    if full_state is not None and saved is unwrapped:
+        saved.save_pretrained(str(tmp), safe_serialization=True, state_dict=full_state)
+    else:
+        saved.save_pretrained(str(tmp), safe_serialization=True)
     for item in sorted(tmp.iterdir(), key=lambda p: p.name == "README.md"):
         os.replace(item, output_dir / item.name)  # the card last: it describes files already in place
     tmp.rmdir()

@@ -307,3 +307,43 @@ def test_paired_recommendation_runs_compare_users_ndcg(tmp_path: Path) -> None:
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_the_default_quality_sweep_runs_the_recipes_that_have_shared_data_and_a_default_model() -> None:
+    quality = load_script("quality")
+    # instruct.py needs a causal LM and an instruction file that the shared data folder does not have.
+    assert quality.find_recipes(BENCHMARKS.parent / "recipes") == ["intent", "ner", "recommend", "sentiment"]
+
+
+def test_device_check_launches_the_fsdp_and_zero3_configs_with_the_single_process_global_batch(tmp_path: Path) -> None:
+    """The sharded part of device_check.py needs GPUs; here: its command lines, and that every config in
+    recipes/configs/ is one Accelerate reads, with the engine its name says."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    sharded = load_script("_sharded")
+    commands = sharded.launch_commands(tmp_path / "m", tmp_path / "d", tmp_path / "runs", num_processes=4, steps=7)
+    assert list(commands) == ["single", "fsdp", "zero3"]
+
+    def flag(command: list[str], name: str) -> str:
+        return command[command.index(name) + 1]
+
+    single = commands["single"]
+    assert flag(single, "--num_processes") == "1" and flag(single, "--gradient_accumulation_steps") == "4"
+    for name in ("fsdp", "zero3"):
+        command = commands[name]
+        assert Path(flag(command, "--config_file")).name == f"{name}.yaml"
+        assert flag(command, "--num_processes") == "4" and "--gradient_accumulation_steps" not in command
+        assert flag(command, "--per_device_train_batch_size") == flag(single, "--per_device_train_batch_size")
+        assert flag(command, "--max_train_steps") == "7" and flag(command, "--mixed_precision") == "no"
+        assert flag(command, "--output_dir") == str(tmp_path / "runs" / name)
+    assert sharded.why_not_runnable("fsdp", "cpu") == "Accelerate shards only on GPUs"
+
+    configs = BENCHMARKS.parent / "recipes" / "configs"
+    engines = {"ddp": "MULTI_GPU", "fsdp": "FSDP", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED", "multinode": "MULTI_GPU"}
+    assert sorted(p.stem for p in configs.glob("*.yaml")) == sorted(engines)
+    for name, engine in engines.items():
+        config = load_config_from_file(str(configs / f"{name}.yaml"))
+        assert config.distributed_type == engine, name
+    assert load_config_from_file(str(configs / "fsdp.yaml")).fsdp_config["fsdp_version"] == 2
+    assert load_config_from_file(str(configs / "zero3.yaml")).deepspeed_config["zero_stage"] == 3
+    assert load_config_from_file(str(configs / "multinode.yaml")).num_machines == 2
