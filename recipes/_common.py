@@ -184,6 +184,9 @@ def build_parser(description: str, defaults: TaskDefaults) -> argparse.ArgumentP
     out.add_argument("--hub_model_id", default=None, help="Repository for --push_to_hub (default: output dir name).")
     # Hidden and refused (see finalize_args): a token on the command line leaks into `ps`, shell history and logs.
     out.add_argument("--hub_token", default=None, help=argparse.SUPPRESS)
+    import _distill
+
+    _distill.add_args(p)
     return p
 
 
@@ -217,6 +220,9 @@ def finalize_args(args: argparse.Namespace, defaults: TaskDefaults, argv: Option
     if args.push_to_hub and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         raise RecipeError("--push_to_hub needs the Hugging Face Hub, but HF_HUB_OFFLINE is set: unset it (and log in "
                           "with `hf auth login`) or drop --push_to_hub")
+    import _distill
+
+    _distill.check_args(args)
 
 
 def _redact_token(argv: Sequence[str]) -> list[str]:
@@ -676,7 +682,8 @@ def _tracker_config(args: argparse.Namespace) -> dict:
 def _resume_key(args: argparse.Namespace, accelerator: Any) -> dict:
     """The settings a checkpoint is only valid for: they fix the model's shape and which batches were seen."""
     keys = ("method", "r", "target_modules", "model_name_or_path", "per_device_train_batch_size",
-            "gradient_accumulation_steps", "seed", "max_train_samples", "group_by_length", "max_length")
+            "gradient_accumulation_steps", "seed", "max_train_samples", "group_by_length", "max_length",
+            "teacher_model_name_or_path", "distill_alpha", "distill_temperature")
     return {**{k: getattr(args, k) for k in keys}, "num_processes": accelerator.num_processes}
 
 
@@ -846,6 +853,8 @@ def save_outputs(args: argparse.Namespace, accelerator: Any, model: nn.Module, t
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return None
+    import _distill
+
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     tmp = atomic_dir(output_dir / "final")
@@ -871,6 +880,7 @@ def save_outputs(args: argparse.Namespace, accelerator: Any, model: nn.Module, t
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {accelerator.device.type}",
         "command": _COMMAND,
+        "distillation": _distill.settings(args),
         "args": {k: (v if isinstance(v, (int, float, str, bool, list, type(None))) else str(v))
                  for k, v in vars(args).items() if k != "hub_token"},
     }
@@ -910,6 +920,7 @@ def model_card(args: argparse.Namespace, run: RunOutputs, metrics: dict, is_adap
                  f'model = {run.base_auto_class}.from_pretrained("{ref}")\n'
                  f'tokenizer = AutoTokenizer.from_pretrained("{ref}")')
     library = "peft" if is_adapter else "transformers"
+    import _distill
     return f"""---
 library_name: {library}
 base_model: {args.model_name_or_path}
@@ -928,7 +939,7 @@ Fine-tuned with `recipes/{run.task}.py` of lra-peft ({'PEFT adapter' if is_adapt
 - Trainable parameters: {metrics['trainable_params']:,} of {metrics['total_params']:,}
 - Training: {metrics['train_steps']} steps, {metrics['epochs']} epoch(s), {metrics['train_runtime_s']} s,
   {metrics['train_samples_per_second']} samples/s, on {metrics['machine']}, {metrics['date']}
-- Command: `{metrics['command']}`
+{_distill.card_line(args)}- Command: `{metrics['command']}`
 
 ## Metrics
 
@@ -1076,8 +1087,12 @@ def run_text_classification(args: argparse.Namespace, task: str, dataset: str, s
         order = sorted(predictions)
         return classification_metrics([predictions[i][1] for i in order], [predictions[i][0] for i in order], labels)
 
+    import _distill
+
+    teacher = _distill.load_teacher(args, accelerator, AutoModelForSequenceClassification, labels, tokenizer)
     train_features = [{k: v for k, v in f.items() if k != "index"} for f in features["train"]]
-    result = train(args, accelerator, model, train_features, collator, evaluate, schedule, task=task)
+    result = train(args, accelerator, model, train_features, collator, evaluate, schedule, task=task,
+                   compute_loss=default_loss if teacher is None else _distill.make_loss(teacher, args))
     eval_metrics = {k: v for k, v in result.history[-1].items() if k not in ("epoch", "step")}
     test_metrics, test_report = evaluate(accelerator.unwrap_model(model), "test")
     accelerator.print("test: " + ", ".join(f"{k} {v:.4f}" for k, v in test_metrics.items()))
