@@ -900,6 +900,8 @@ def save_outputs(args: argparse.Namespace, accelerator: Any, model: nn.Module, t
 
 def model_card(args: argparse.Namespace, run: RunOutputs, metrics: dict, is_adapter: bool) -> str:
     """A Hub model card: what was trained on what, the measured metrics, and how to load it."""
+    import _distill  # imported here: _distill imports this module
+
     rows = [f"| {split} | {name} | {value:.4f} |" for split, values in (("validation", run.eval_metrics),
                                                                          ("test", run.test_metrics))
             for name, value in values.items() if isinstance(value, float)]
@@ -920,7 +922,6 @@ def model_card(args: argparse.Namespace, run: RunOutputs, metrics: dict, is_adap
                  f'model = {run.base_auto_class}.from_pretrained("{ref}")\n'
                  f'tokenizer = AutoTokenizer.from_pretrained("{ref}")')
     library = "peft" if is_adapter else "transformers"
-    import _distill
     return f"""---
 library_name: {library}
 base_model: {args.model_name_or_path}
