@@ -8,8 +8,9 @@ positive and negatives that its task loss uses). T² keeps the soft term's gradi
 when T changes. The teacher is any model that produces the same logits: the `--output_dir` of the same recipe run
 with `--method full` (a Transformers model folder) or with an adapter method (an adapter folder, reloaded onto its
 base as `benchmarks/paired.py` does), or another model with the same label set and tokenizer. It runs in eval mode
-under `torch.no_grad` on the student's device (prepared by Accelerate in evaluation mode), and is never trained or
-saved.
+under `torch.no_grad` on the student's device, under the run's mixed precision (what Accelerate's
+`prepare_model(teacher, evaluation_mode=True)` does, without registering it, so that checkpoints hold the student
+only), and is never trained or saved.
 
 With `--distill_alpha 0` (the default) nothing here runs: the teacher is not even loaded, so the run is the plain one,
 byte for byte.
@@ -18,6 +19,7 @@ byte for byte.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -117,15 +119,18 @@ def token_mask(batch: dict) -> torch.Tensor:
 
 @dataclass
 class Teacher:
-    """A loaded, prepared, frozen teacher; `permutation` maps the student's label order onto the teacher's."""
+    """A loaded, frozen teacher on the student's device; `permutation` maps the student's label order onto the
+    teacher's, `autocast` is the run's mixed-precision context (`accelerator.autocast`)."""
 
     model: nn.Module
     path: str
     permutation: Optional[list[int]] = None
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
     @torch.no_grad()
     def logits(self, batch: dict, outputs: Outputs) -> torch.Tensor:
-        _, logits = outputs(self.model, batch)
+        with self.autocast():
+            _, logits = outputs(self.model, batch)
         return logits if self.permutation is None else logits[..., self.permutation]
 
 
@@ -223,7 +228,7 @@ def load_teacher(args: argparse.Namespace, accelerator: Any, model_cls: Any, lab
     model, teacher_labels = _read_model(model_cls, folder, labels, prepare)
     permutation = None
     if labels is not None:
-        if sorted(teacher_labels) != sorted(labels) or len(set(labels)) != len(labels):
+        if sorted(teacher_labels) != sorted(labels):
             missing, extra = sorted(set(labels) - set(teacher_labels)), sorted(set(teacher_labels) - set(labels))
             raise C.RecipeError(
                 f"--teacher_model_name_or_path {folder}: the teacher's labels ({len(teacher_labels)}) differ from the "
@@ -234,6 +239,8 @@ def load_teacher(args: argparse.Namespace, accelerator: Any, model_cls: Any, lab
     model = wrap(model)
     model.requires_grad_(False)
     model.eval()
-    model = accelerator.prepare_model(model, evaluation_mode=True)
+    # What `accelerator.prepare_model(model, evaluation_mode=True)` does (device, mixed precision, no DDP), without
+    # registering the teacher with the accelerator: registered, `save_state` would write it into every checkpoint.
+    model.to(accelerator.device)
     accelerator.print(f"distilling from {folder} (α = {args.distill_alpha:g}, T = {args.distill_temperature:g})")
-    return Teacher(model=model, path=str(folder), permutation=permutation)
+    return Teacher(model=model, path=str(folder), permutation=permutation, autocast=accelerator.autocast)

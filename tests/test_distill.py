@@ -255,3 +255,20 @@ def test_resuming_with_other_distillation_settings_is_refused(tiny_model, tmp_pa
                                              "--teacher_model_name_or_path", str(teacher), "--distill_alpha", "0.5"),
                       check=False)
     assert_clean_error(proc, "distill_alpha=0.0 (now 0.5)")
+
+
+def test_checkpoints_hold_the_student_only_and_a_resumed_distilled_run_ends_where_an_uninterrupted_one_does(
+        tiny_model, tmp_path):
+    data = write_sst2(tmp_path / "sst2")
+    teacher = tmp_path / "teacher"
+    run_recipe("sentiment.py", *small(tiny_model, data, teacher, "--method", "full", "--max_train_steps", "2"))
+    distil = ("--teacher_model_name_or_path", str(teacher), "--distill_alpha", "0.5", "--max_train_steps", "4",
+              "--checkpointing_steps", "2")
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    run_recipe("sentiment.py", *small(tiny_model, data, full, *distil))
+    weights = sorted(p.name for p in (full / "step_2").iterdir() if p.name.startswith(("model", "pytorch_model")))
+    assert weights == ["model.safetensors"], f"the teacher went into the checkpoint: {weights}"
+    resumed.mkdir()
+    shutil.copytree(full / "step_2", resumed / "step_2")
+    run_recipe("sentiment.py", *small(tiny_model, data, resumed, *distil, "--resume_from_checkpoint"))
+    assert (full / "adapter_model.safetensors").read_bytes() == (resumed / "adapter_model.safetensors").read_bytes()
