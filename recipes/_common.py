@@ -185,6 +185,9 @@ def build_parser(description: str, defaults: TaskDefaults) -> argparse.ArgumentP
     out.add_argument("--hub_model_id", default=None, help="Repository for --push_to_hub (default: output dir name).")
     # Hidden and refused (see finalize_args): a token on the command line leaks into `ps`, shell history and logs.
     out.add_argument("--hub_token", default=None, help=argparse.SUPPRESS)
+    import _distill
+
+    _distill.add_args(p)
     return p
 
 
@@ -218,6 +221,9 @@ def finalize_args(args: argparse.Namespace, defaults: TaskDefaults, argv: Option
     if args.push_to_hub and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         raise RecipeError("--push_to_hub needs the Hugging Face Hub, but HF_HUB_OFFLINE is set: unset it (and log in "
                           "with `hf auth login`) or drop --push_to_hub")
+    import _distill
+
+    _distill.check_args(args)
 
 
 def _redact_token(argv: Sequence[str]) -> list[str]:
@@ -685,7 +691,8 @@ def _tracker_config(args: argparse.Namespace) -> dict:
 def _resume_key(args: argparse.Namespace, accelerator: Any) -> dict:
     """The settings a checkpoint is only valid for: they fix the model's shape and which batches were seen."""
     keys = ("method", "r", "target_modules", "model_name_or_path", "per_device_train_batch_size",
-            "gradient_accumulation_steps", "seed", "max_train_samples", "group_by_length", "max_length")
+            "gradient_accumulation_steps", "seed", "max_train_samples", "group_by_length", "max_length",
+            "teacher_model_name_or_path", "distill_alpha", "distill_temperature")
     # A recipe's own flags that change which batches a step sees (instruct.py's --packing) count as well.
     own = {k: getattr(args, k) for k in ("packing",) if hasattr(args, k)}
     return {**{k: getattr(args, k) for k in keys}, **own, "num_processes": accelerator.num_processes}
@@ -865,6 +872,8 @@ def save_outputs(args: argparse.Namespace, accelerator: Any, model: nn.Module, t
     full_state = accelerator.get_state_dict(model) if sharded else None
     if not accelerator.is_main_process:
         return None
+    import _distill
+
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     tmp = atomic_dir(output_dir / "final")
@@ -890,6 +899,7 @@ def save_outputs(args: argparse.Namespace, accelerator: Any, model: nn.Module, t
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {accelerator.device.type}",
         "command": _COMMAND,
+        "distillation": _distill.settings(args),
         "args": {k: (v if isinstance(v, (int, float, str, bool, list, type(None))) else str(v))
                  for k, v in vars(args).items() if k != "hub_token"},
     }
@@ -912,6 +922,8 @@ def save_outputs(args: argparse.Namespace, accelerator: Any, model: nn.Module, t
 
 def model_card(args: argparse.Namespace, run: RunOutputs, metrics: dict, is_adapter: bool) -> str:
     """A Hub model card: what was trained on what, the measured metrics, and how to load it."""
+    import _distill  # imported here: _distill imports this module
+
     rows = [f"| {split} | {name} | {value:.4f} |" for split, values in (("validation", run.eval_metrics),
                                                                          ("test", run.test_metrics))
             for name, value in values.items() if isinstance(value, float)]
@@ -950,7 +962,7 @@ Fine-tuned with `recipes/{run.task}.py` of lra-peft ({'PEFT adapter' if is_adapt
 - Trainable parameters: {metrics['trainable_params']:,} of {metrics['total_params']:,}
 - Training: {metrics['train_steps']} steps, {metrics['epochs']} epoch(s), {metrics['train_runtime_s']} s,
   {metrics['train_samples_per_second']} samples/s, on {metrics['machine']}, {metrics['date']}
-- Command: `{metrics['command']}`
+{_distill.card_line(args)}- Command: `{metrics['command']}`
 
 ## Metrics
 
@@ -1098,8 +1110,12 @@ def run_text_classification(args: argparse.Namespace, task: str, dataset: str, s
         order = sorted(predictions)
         return classification_metrics([predictions[i][1] for i in order], [predictions[i][0] for i in order], labels)
 
+    import _distill
+
+    teacher = _distill.load_teacher(args, accelerator, AutoModelForSequenceClassification, labels, tokenizer)
     train_features = [{k: v for k, v in f.items() if k != "index"} for f in features["train"]]
-    result = train(args, accelerator, model, train_features, collator, evaluate, schedule, task=task)
+    result = train(args, accelerator, model, train_features, collator, evaluate, schedule, task=task,
+                   compute_loss=default_loss if teacher is None else _distill.make_loss(teacher, args))
     eval_metrics = {k: v for k, v in result.history[-1].items() if k not in ("epoch", "step")}
     test_metrics, test_report = evaluate(accelerator.unwrap_model(model), "test")
     accelerator.print("test: " + ", ".join(f"{k} {v:.4f}" for k, v in test_metrics.items()))

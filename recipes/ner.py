@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 import _common as C
+import _distill as D
 
 DEFAULTS = C.TaskDefaults(dataset="conll2003", learning_rate=1e-3, full_learning_rate=5e-5, num_train_epochs=1,
                           per_device_train_batch_size=32, max_length=256)
@@ -143,8 +144,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                                  labels)
         return metrics, reports[split]
 
+    # Distillation (off by default): per token, on the positions the task loss counts.
+    teacher = D.load_teacher(args, accelerator, AutoModelForTokenClassification, labels, tokenizer)
+    compute_loss = C.default_loss if teacher is None else D.make_loss(teacher, args, mask=D.token_mask)
     train_features = [{k: v for k, v in f.items() if k != "index"} for f in features["train"]]
-    result = C.train(args, accelerator, model, train_features, collator, evaluate, schedule, task="ner")
+    result = C.train(args, accelerator, model, train_features, collator, evaluate, schedule, task="ner",
+                     compute_loss=compute_loss)
     eval_metrics = {k: v for k, v in result.history[-1].items() if k not in ("epoch", "step")}
     test_metrics, test_report = evaluate(accelerator.unwrap_model(model), "test")
     accelerator.print("test: " + ", ".join(f"{k} {v:.4f}" for k, v in test_metrics.items()))

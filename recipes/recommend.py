@@ -26,9 +26,10 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import _common as C
+import _distill as D
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -225,12 +226,28 @@ class BiEncoder(nn.Module):
         return F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9), dim=-1)
 
     def forward(self, profile_input_ids: torch.Tensor, profile_attention_mask: torch.Tensor,
-                item_input_ids: torch.Tensor, item_attention_mask: torch.Tensor) -> torch.Tensor:
-        """Softmax loss of each profile's positive (first item of its group) against its sampled negatives."""
+                item_input_ids: torch.Tensor, item_attention_mask: torch.Tensor,
+                return_logits: bool = False) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Softmax loss of each profile's positive (first item of its group) against its sampled negatives; with
+        `return_logits` also the (batch, 1 + negatives) scores it is taken over (what distillation compares)."""
         users = self.embed(profile_input_ids, profile_attention_mask)
         items = self.embed(item_input_ids, item_attention_mask).view(users.shape[0], -1, users.shape[1])
         logits = torch.einsum("bh,bnh->bn", users, items) / self.temperature
-        return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
+        loss = F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
+        return (loss, logits) if return_logits else loss
+
+
+def bi_encoder_outputs(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(task loss, (batch, 1 + negatives) scores) of a `BiEncoder`, through its forward (so DDP sees it)."""
+    return model(**batch, return_logits=True)
+
+
+def drop_pooler(encoder: nn.Module) -> None:
+    """The bi-encoder mean-pools the last hidden state: an unused pooler would get an adapter that never sees a
+    gradient (trainable parameters that do nothing, and a crash in AdaLoRA's importance update, which reads every
+    grad)."""
+    if getattr(encoder, "pooler", None) is not None:
+        encoder.pooler = None
 
 
 class PairCollator:
@@ -405,17 +422,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     schedule = C.plan_schedule(args, len(train_features), accelerator.num_processes)
 
     encoder = C.load_model(AutoModel, args)
-    # The bi-encoder mean-pools the last hidden state: an unused pooler would get an adapter that never sees a gradient
-    # (trainable parameters that do nothing, and a crash in AdaLoRA's importance update, which reads every grad).
-    if getattr(encoder, "pooler", None) is not None:
-        encoder.pooler = None
+    drop_pooler(encoder)
     encoder = C.apply_method(encoder, args, "FEATURE_EXTRACTION", schedule.max_train_steps)
     model = BiEncoder(encoder, args.temperature)
 
     evaluate = RankingEvaluator(args, accelerator, tokenizer, split, movies, item_ids, encode)
 
+    # Distillation (off by default): per training example, over the scores of its positive and negatives (the
+    # distribution the task loss uses), with the teacher encoder in the same bi-encoder (same --temperature).
+    teacher = D.load_teacher(args, accelerator, AutoModel, None, tokenizer, prepare=drop_pooler,
+                             wrap=lambda encoder: BiEncoder(encoder, args.temperature))
+    compute_loss = (lambda m, batch: m(**batch)) if teacher is None else D.make_loss(teacher, args, bi_encoder_outputs)
     result = C.train(args, accelerator, model, train_features, PairCollator(tokenizer), evaluate, schedule,
-                     task="recommend", compute_loss=lambda m, batch: m(**batch))
+                     task="recommend", compute_loss=compute_loss)
     eval_metrics = {k: v for k, v in result.history[-1].items() if k not in ("epoch", "step")}
     test_metrics, test_report = evaluate(accelerator.unwrap_model(model), "test")
     accelerator.print(test_report)
