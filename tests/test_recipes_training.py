@@ -261,3 +261,20 @@ def test_with_tracking_names_a_missing_tracker_package_before_training(tiny_mode
     proc = run_recipe("sentiment.py", *small(tiny_model, write_sst2(tmp_path / "sst2"), out, "--with_tracking",
                                              "--report_to", "all"), check=False)
     assert_clean_error(proc, "no tracker package is installed")
+
+
+# ---------------------------------------------------------------------------------------------- parameter counts
+def test_parameter_counts_of_a_4bit_adapter_run_are_peft_s(tiny_model, tmp_path):
+    out = tmp_path / "out"
+    run_recipe("sentiment.py", *small(tiny_model, write_sst2(tmp_path / "sst2"), out, "--max_train_steps", "1",
+                                      "--load_in_4bit"))
+    metrics = metrics_of(out)
+    from peft import AutoPeftModelForSequenceClassification
+
+    import lra_peft  # noqa: F401
+
+    # The same adapter on the full-precision base: PEFT counts a 4-bit weight as the parameters it stores, so the
+    # totals agree, where summing numel() over the 4-bit model counts half of each quantized weight.
+    model = AutoPeftModelForSequenceClassification.from_pretrained(str(out), num_labels=2)
+    assert metrics["total_params"] == model.get_nb_trainable_parameters()[1]
+    assert 0 < metrics["trainable_params"] < metrics["total_params"]
