@@ -940,7 +940,8 @@ def train(args: argparse.Namespace, accelerator: Any, model: nn.Module, train_fe
         accelerator.init_trackers(task, _tracker_config(args))
 
     keep_best = args.load_best_model_at_end
-    best_metric = args.metric_for_best_model or MAIN_METRICS.get(task)
+    # Trainer users write "eval_f1" as well as "f1".
+    best_metric = (args.metric_for_best_model or "").removeprefix("eval_") or MAIN_METRICS.get(task)
     if keep_best and best_metric is None:
         raise RecipeError(f"--load_best_model_at_end: task {task!r} has no default metric; pass --metric_for_best_model")
     best: Optional[dict] = None  # {"epoch", "step", "metric", "value"} of the best validation so far
