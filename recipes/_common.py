@@ -43,8 +43,9 @@ PROGRESS_FILE = "progress.json"
 TRAINABLE_STATE_FILE = "trainable_state.safetensors"  # a checkpoint's model part: trainable weights and buffers only
 BEST_STATE_FILE = "best_state.safetensors"  # --load_best_model_at_end: the best epoch's trainable weights
 # The fewest optimizer steps a run without --num_train_epochs / --max_train_steps takes (see plan_schedule). Chosen on
-# the validation split of a 3,000-sentence CoNLL-2003 slice (docs/recipes.md#training-length); at most the 439 steps
-# of the smallest shipped dataset it applies to (CoNLL-2003, 14,041 sentences / 32), so shipped runs do not change.
+# the validation split of a 3,000-sentence CoNLL-2003 slice (docs/recipes.md, "Training length on your own, smaller
+# data"); at most the 439 steps of the smallest shipped dataset it applies to (CoNLL-2003, 14,041 sentences / 32), so
+# shipped runs do not change.
 MIN_TRAIN_STEPS = 400
 
 
@@ -177,7 +178,7 @@ def build_parser(description: str, defaults: TaskDefaults) -> argparse.ArgumentP
     train.add_argument("--min_train_steps", type=int, default=defaults.min_train_steps,
                        help="Used when neither --num_train_epochs nor --max_train_steps is given: train the default "
                             "number of epochs, or as many more as it takes to reach N optimizer steps (0: off). "
-                            "See docs/recipes.md#training-length.")
+                            "See docs/recipes.md#training-length-on-your-own-smaller-data.")
     p.set_defaults(task_num_train_epochs=defaults.num_train_epochs)
     train.add_argument("--gradient_accumulation_steps", type=int, default=1)
     train.add_argument("--lr_scheduler_type", default="linear",
@@ -601,7 +602,8 @@ def plan_schedule(args: argparse.Namespace, num_examples: int, num_processes: in
 
     `--max_train_steps` wins, then `--num_train_epochs`. With neither, the run takes the task's default epochs, or
     more when those give fewer than `--min_train_steps` optimizer steps: a default chosen on a large dataset would
-    otherwise stop a run on a small one after a few dozen steps, with a model that has learnt almost nothing.
+    otherwise stop a run on a small one after a few dozen steps, with a model that has learnt almost nothing. A run
+    cut with `--max_train_samples` keeps the default epochs: it is a quick run, not the size of the user's data.
     Sets `args.num_train_epochs` to the epochs planned, so that metrics.json records them.
     """
     batches = math.ceil(num_examples / args.per_device_train_batch_size)
@@ -615,6 +617,14 @@ def plan_schedule(args: argparse.Namespace, num_examples: int, num_processes: in
         return Schedule(updates, args.num_train_epochs * updates, args.num_train_epochs,
                         f"--num_train_epochs {args.num_train_epochs}")
     default = args.task_num_train_epochs
+    if args.max_train_samples is not None:
+        # A cut for a quick or debugging run (as in Transformers' examples), not the user's data: 400 steps of a
+        # 32-example smoke test would be 400 epochs.
+        args.num_train_epochs = default
+        return Schedule(updates, default * updates, default,
+                        f"the task's default {default} epoch(s) ({default * updates} steps of {updates}): "
+                        f"--max_train_samples {args.max_train_samples} is a quick run, where --min_train_steps does "
+                        "not apply; pass --num_train_epochs for more")
     epochs = max(default, math.ceil(args.min_train_steps / updates))
     if epochs == default:
         reason = (f"the task's default {default} epoch(s) ({default * updates} steps of {updates}) reach "

@@ -71,6 +71,9 @@ def test_small_data_without_an_epoch_flag_trains_at_least_the_minimum_number_of_
     assert C.plan_schedule(ner.parse_args(["--num_train_epochs", "1"]), 3000, 1).max_train_steps == 94
     assert C.plan_schedule(ner.parse_args(["--max_train_steps", "7"]), 3000, 1).max_train_steps == 7
     assert C.plan_schedule(ner.parse_args(["--min_train_steps", "0"]), 3000, 1).max_train_steps == 94
+    # --max_train_samples cuts the data for a quick run: the default epochs, and the log says why.
+    quick = C.plan_schedule(ner.parse_args(["--max_train_samples", "3000"]), 3000, 1)
+    assert quick.max_train_steps == 94 and "--max_train_samples 3000 is a quick run" in quick.reason
 
 
 def test_recipe_on_a_small_slice_runs_more_epochs_and_records_why(tiny_model, tmp_path):
