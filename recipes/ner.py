@@ -150,7 +150,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     train_features = [{k: v for k, v in f.items() if k != "index"} for f in features["train"]]
     result = C.train(args, accelerator, model, train_features, collator, evaluate, schedule, task="ner",
                      compute_loss=compute_loss)
-    eval_metrics = {k: v for k, v in result.history[-1].items() if k not in ("epoch", "step")}
+    eval_metrics = result.eval_metrics  # of the model kept: the best epoch's with --load_best_model_at_end
     test_metrics, test_report = evaluate(accelerator.unwrap_model(model), "test")
     accelerator.print("test: " + ", ".join(f"{k} {v:.4f}" for k, v in test_metrics.items()))
     C.save_outputs(args, accelerator, model, tokenizer, result, C.RunOutputs(
