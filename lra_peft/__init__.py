@@ -8,6 +8,7 @@ from ._registration import register as _register
 from .allocation import RankAllocator, budget_schedule
 from .callbacks import LRARankCallback
 from .config import LRAConfig
+from .conversion import install_lora_conversion_hook as _install_lora_conversion_hook
 from .export import CompressionReport, compress, export_lora, export_merged
 from .hub import install_peft_model_hooks as _install_peft_model_hooks
 from .hub import push_to_hub
@@ -23,6 +24,7 @@ from .safety import install_safety_hooks as _install_safety_hooks
 _register()
 _install_peft_model_hooks()
 _install_safety_hooks()
+_install_lora_conversion_hook()
 
 __version__ = "0.1.0"
 

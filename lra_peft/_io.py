@@ -12,23 +12,6 @@ from typing import Union
 
 PathLike = Union[str, os.PathLike]
 
-# Files that make up a tokenizer saved by `save_pretrained`; recipes may save one next to the adapter.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "tokenizer.model",
-    "chat_template.jinja",
-    "chat_template.json",
-)
-
-
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -112,16 +95,22 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
         raise
 
 
-def copy_tokenizer_files(src: PathLike | None, dst: PathLike) -> list[str]:
-    """Copy the tokenizer files found in `src` (if any) into `dst`; return their names."""
-    if src is None or not Path(src).is_dir():
-        return []
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (Path(src) / name).is_file():
-            shutil.copy2(Path(src) / name, Path(dst) / name)
-            copied.append(name)
-    return copied
+def save_tokenizer(src: PathLike | None, dst: PathLike, *, local_files_only: bool = True) -> bool:
+    """Save the tokenizer that `src` (a folder, or a Hub id in the local cache) holds into `dst`; False if it has none.
+
+    Goes through `AutoTokenizer.from_pretrained(src).save_pretrained(dst)`, so every file the tokenizer needs
+    (vocab.txt, merges.txt, spm.model, bpe.codes, ...) is written, whatever its tokenizer class calls them.
+    """
+    if src is None:
+        return False
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(src), local_files_only=local_files_only)
+    except Exception:  # noqa: BLE001 - no tokenizer there (an adapter folder, a model saved without one) is fine
+        return False
+    tokenizer.save_pretrained(str(dst))
+    return True
 
 
 def same_folder(a: PathLike, b: PathLike) -> bool:

@@ -19,9 +19,11 @@ EPILOG = "Run `lra-peft COMMAND --help` for the options of a command."
 
 def _inspect(args: argparse.Namespace) -> int:
     from ._io import human_size
-    from .report import plot_rank_report, rank_report
+    from .report import plot_rank_report, rank_report, require_matplotlib
     from .snapshot import snapshot_from_dir
 
+    if args.plot:
+        require_matplotlib()  # before any work: say what to install, not fail at the end
     snapshot = snapshot_from_dir(args.adapter_dir)
     report = rank_report(args.adapter_dir, tol=args.tol)
     config = snapshot.config

@@ -19,7 +19,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from ._io import TOKENIZER_FILES, PathLike, atomic_output_dir, copy_tokenizer_files, same_folder
+from ._io import PathLike, atomic_output_dir, same_folder, save_tokenizer
 from .config import LRAConfig
 from .snapshot import (
     SAFETENSORS_NAME,
@@ -93,7 +93,7 @@ def export_lora(
         config.save_pretrained(str(tmp), auto_mapping_dict=snapshot.auto_mapping)
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / SAFETENSORS_NAME), metadata={"format": "pt"})
         (tmp / "README.md").write_text(lora_export_card(snapshot, ranks))
-        copy_tokenizer_files(snapshot.source_dir, tmp)
+        save_tokenizer(snapshot.source_dir, tmp)
     return Path(out_dir)
 
 
@@ -343,20 +343,11 @@ def _check_not_quantized(model: nn.Module) -> None:
 
 
 def _copy_or_save_tokenizer(sources: list, dst: Path) -> None:
+    """The first tokenizer found among `sources` (folders, or Hub ids already in the local cache: never downloaded
+    here), saved into `dst`; none found is fine, the model is written without one."""
     for source in sources:
-        if source is not None and Path(source).is_dir() and any((Path(source) / f).is_file() for f in TOKENIZER_FILES):
-            copy_tokenizer_files(source, dst)
+        if source is not None and save_tokenizer(source, dst):
             return
-    for source in sources:
-        if source is None or Path(source).exists():
-            continue
-        try:  # a Hub id: its tokenizer may be in the local cache (never downloaded here)
-            from transformers import AutoTokenizer
-
-            AutoTokenizer.from_pretrained(str(source), local_files_only=True).save_pretrained(str(dst))
-            return
-        except Exception:  # noqa: BLE001 - no cached tokenizer is fine: the model is written without one
-            continue
 
 
 # ---------------------------------------------------------------------------------------------- compression
@@ -449,7 +440,7 @@ def compress(
             f"ΔW over all layers: {report.total_error:.3e}."
         )
         write_card(tmp, load_snapshot(tmp), notes=[note])
-        copy_tokenizer_files(snapshot.source_dir, tmp)
+        save_tokenizer(snapshot.source_dir, tmp)
     report.out_dir = Path(out_dir)
     return report
 

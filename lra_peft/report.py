@@ -173,11 +173,24 @@ def _build(adapter_name: str, entries: list[tuple], tol: float) -> RankReport:
     return report
 
 
+PLOT_INSTALL = "pip install matplotlib  (in a clone of lra-peft: pip install -e \".[plot]\")"
+
+
+def require_matplotlib() -> None:
+    """Raise an ImportError naming the install command when matplotlib (only needed for plots) is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ImportError(f"plotting rank reports needs matplotlib, which is not installed: {PLOT_INSTALL}") from None
+
+
 def plot_rank_report(report: RankReport, path: Union[str, os.PathLike]) -> Path:
     """Save a PNG: a heatmap of rank per block × module, and the sorted |λ| of every layer.
 
-    Uses matplotlib's Agg canvas directly, so it changes no global backend and needs no display.
+    Uses matplotlib's Agg canvas directly, so it changes no global backend and needs no display. matplotlib is an
+    optional dependency (the `plot` extra): without it this raises an ImportError that says how to install it.
     """
+    require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

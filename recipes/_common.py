@@ -10,6 +10,7 @@ folder on `sys.path`, which is what makes `import _common` work.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib.util
 import json
@@ -214,6 +215,10 @@ def build_parser(description: str, defaults: TaskDefaults) -> argparse.ArgumentP
     out.add_argument("--report_to", default="tensorboard", help="Accelerate tracker(s) used with --with_tracking.")
     out.add_argument("--push_to_hub", action="store_true", help="Upload --output_dir to the Hub at the end.")
     out.add_argument("--hub_model_id", default=None, help="Repository for --push_to_hub (default: output dir name).")
+    out.add_argument("--hub_base_model_id", default=None,
+                     help="Hub id of the base model, recorded in adapter_config.json and the model card when "
+                          "--model_name_or_path is a local folder (default: the Hub model a known package ships, else "
+                          "the Hub id its config.json was saved from, else none; never a local path).")
     # Hidden and refused (see finalize_args): a token on the command line leaks into `ps`, shell history and logs.
     out.add_argument("--hub_token", default=None, help=argparse.SUPPRESS)
     import _distill
@@ -255,12 +260,28 @@ def finalize_args(args: argparse.Namespace, defaults: TaskDefaults, argv: Option
             raise RecipeError(f"--target_r is for adaptive rank (--method lra or adalora), not --method {args.method}")
         if not 0 < args.target_r <= args.r:
             raise RecipeError(f"--target_r={args.target_r} must be in [1, --r={args.r}]")
+    for flag in ("hub_model_id", "hub_base_model_id"):
+        value = getattr(args, flag)
+        if value is not None and _hub_id_error(value) is not None:
+            raise RecipeError(f"--{flag}={value!r} is not a valid Hugging Face Hub repo id ({_hub_id_error(value)}); "
+                              "use 'name' or 'namespace/name' with letters, digits, '-', '_' and '.'")
     if args.push_to_hub and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         raise RecipeError("--push_to_hub needs the Hugging Face Hub, but HF_HUB_OFFLINE is set: unset it (and log in "
                           "with `hf auth login`) or drop --push_to_hub")
     import _distill
 
     _distill.check_args(args)
+
+
+def _hub_id_error(name: str) -> Optional[str]:
+    """Why the Hub client refuses `name` as a repo id (`huggingface_hub.utils.validate_repo_id`), or None."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError as exc:
+        return str(exc).rstrip(".")
+    return None
 
 
 def _redact_token(argv: Sequence[str]) -> list[str]:
@@ -327,9 +348,6 @@ def default_model_path() -> Optional[str]:
     return str(Path(spec.submodule_search_locations[0]) / "model")
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
 def resolve_model(name: Optional[str]) -> str:
     """A loadable model path or Hub id, or a `RecipeError` saying what was tried and which flag fixes it."""
     if name is None:
@@ -343,7 +361,7 @@ def resolve_model(name: Optional[str]) -> str:
             raise RecipeError(f"model folder {name} has no config.json, so it is not a saved Transformers model; pass "
                               "--model_name_or_path <folder written by save_pretrained> or a Hub id")
         return name
-    if not _HUB_ID.match(name) or os.path.sep in name.rstrip("/").split("/", 1)[-1] or name.startswith((".", "~")):
+    if name.startswith((".", "~", os.path.sep)) or _hub_id_error(name) is not None:
         raise RecipeError(f"model folder {name} does not exist; pass --model_name_or_path <local folder or Hub id>")
     from transformers import AutoConfig
 
@@ -1146,7 +1164,41 @@ class RunOutputs:
     report_text: str
     labels: Optional[list[str]] = None
     extra_metrics: dict = field(default_factory=dict)
-    usage: str = ""  # replaces the default "how to load" code of the model card when set
+    # Replaces the default "how to load" code of the model card when set; "{load}" in it stands for the lines that
+    # import and load `model` and `tokenizer`, "{ref}" for where the run's folder is.
+    usage: str = ""
+
+
+# Hub ids of the datasets the recipes read by default from ../shared/data (copies of these; see its README.md).
+HUB_DATASETS = {"conll2003": "eriktks/conll2003", "sst2": "stanfordnlp/sst2", "banking77": "PolyAI/banking77"}
+
+
+@contextlib.contextmanager
+def public_base_name(saved: nn.Module, peft_model: Optional[nn.Module], hub_base: Optional[str]):
+    """While saving, let the model name its base by Hub id (or by nothing), never by the local folder it was loaded
+    from: PEFT copies `name_or_path` into adapter_config.json (`base_model_name_or_path`), Transformers 4.x into
+    config.json (`_name_or_path`). A path there makes an uploaded adapter unloadable for anyone else."""
+    base = peft_model.get_base_model() if peft_model is not None else saved
+    config = getattr(base, "config", None)
+    peft_configs = list(peft_model.peft_config.values()) if peft_model is not None else []
+    before = (base.__dict__.get("name_or_path"), getattr(config, "_name_or_path", None),
+              [c.base_model_name_or_path for c in peft_configs])
+    name = hub_base or ""  # what Transformers writes for a model built from a config
+    if "name_or_path" in base.__dict__:
+        base.name_or_path = name
+    if config is not None:
+        config.name_or_path = name
+    for c in peft_configs:
+        c.base_model_name_or_path = hub_base
+    try:
+        yield
+    finally:
+        if before[0] is not None:
+            base.name_or_path = before[0]
+        if config is not None and before[1] is not None:
+            config.name_or_path = before[1]
+        for c, value in zip(peft_configs, before[2]):
+            c.base_model_name_or_path = value
 
 
 def save_outputs(args: argparse.Namespace, accelerator: Any, model: nn.Module, tokenizer: Any, result: TrainResult,
@@ -1194,13 +1246,20 @@ def save_outputs(args: argparse.Namespace, accelerator: Any, model: nn.Module, t
     }
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (tmp / run.report_name).write_text(run.report_text)
-    (tmp / "README.md").write_text(model_card(args, run, metrics, peft_model is not None))
-    # After the card and metrics.json: for an LRA adapter, lra_peft's save hook adds its own section (ranks, base,
-    # the metrics of metrics.json) to the card; PEFT adds its metadata for other adapters.
-    if full_state is not None and saved is unwrapped:
-        saved.save_pretrained(str(tmp), safe_serialization=True, state_dict=full_state)
-    else:
-        saved.save_pretrained(str(tmp), safe_serialization=True)
+    from lra_peft.hub import public_base_model
+
+    hub_base = public_base_model(args.model_name_or_path, args.hub_base_model_id)
+    # The recipes never resize the vocabulary, so the embedding matrix is never saved with an adapter (PEFT's "auto"
+    # would look the base's config up on the Hub to find that out, now that the base is named by Hub id).
+    embeddings = {"save_embedding_layers": False} if peft_model is not None else {}
+    with public_base_name(saved, peft_model, hub_base):
+        if full_state is not None and saved is unwrapped:
+            saved.save_pretrained(str(tmp), safe_serialization=True, state_dict=full_state, **embeddings)
+        else:
+            saved.save_pretrained(str(tmp), safe_serialization=True, **embeddings)
+        lra_section = _lra_card_section(peft_model, run) if args.method == "lra" else ""
+    # The recipe's card replaces the one PEFT (or lra_peft's save hook) just wrote: one card, one of each section.
+    (tmp / "README.md").write_text(model_card(args, run, metrics, peft_model is not None, hub_base, lra_section))
     for item in sorted(tmp.iterdir(), key=lambda p: p.name == "README.md"):
         os.replace(item, output_dir / item.name)  # the card last: it describes files already in place
     tmp.rmdir()
@@ -1209,67 +1268,124 @@ def save_outputs(args: argparse.Namespace, accelerator: Any, model: nn.Module, t
     return metrics
 
 
-def model_card(args: argparse.Namespace, run: RunOutputs, metrics: dict, is_adapter: bool) -> str:
-    """A Hub model card: what was trained on what, the measured metrics, and how to load it."""
-    import _distill  # imported here: _distill imports this module
+def _lra_card_section(peft_model: nn.Module, run: RunOutputs) -> str:
+    """lra_peft's card section (base, ranks, targets) for the recipe's card, without the sections the card has."""
+    from lra_peft.hub import card_section
+    from lra_peft.snapshot import snapshot_from_model
 
+    return card_section(snapshot_from_model(peft_model), metrics={"task": run.task, "dataset": run.dataset},
+                        how_to_load=False, versions=False)
+
+
+def _public_command(command: str) -> str:
+    """The run's command line with each absolute path cut to `…/<last part>`: a card names no local path."""
+    def public(arg: str) -> str:
+        flag, eq, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+        if value.startswith(("/", "~")):
+            value = "…/" + Path(value).name
+        return f"{flag}{eq}{value}"
+
+    return shlex.join(public(arg) for arg in shlex.split(command))
+
+
+def _public_command_line(line: str) -> str:
+    """A card line with each absolute path in backquotes cut to `…/<last part>` (a card names no local path)."""
+    return re.sub(r"`(/[^`]*)`", lambda m: f"`…/{Path(m.group(1)).name}`", line.rstrip("\n"))
+
+
+def loading_code(args: argparse.Namespace, run: RunOutputs, ref: str, hub_base: Optional[str],
+                 is_adapter: bool) -> str:
+    """Python that loads the run's model and tokenizer from `ref`, as the model card shows it."""
+    lines, head = [], ""
+    if run.labels is not None:
+        head = (", num_labels=len(labels),\n    id2label=dict(enumerate(labels)), "
+                "label2id={l: i for i, l in enumerate(labels)},\n")
+        lines.append("import json\n")
+    if is_adapter and args.method == "lra":
+        lines.append("import lra_peft  # noqa: F401  (registers the LRA method with PEFT; import it first)")
+    if is_adapter and hub_base is not None:
+        lines += [f"from peft import {run.auto_class}", "from transformers import AutoTokenizer"]
+        load = f'model = {run.auto_class}.from_pretrained(\n    "{ref}"{head})'
+    elif is_adapter:
+        # No Hub id for the base (a local folder): AutoPeftModel could not find it, so the reader loads their copy.
+        lines += ["from peft import PeftModel", f"from transformers import {run.base_auto_class}, AutoTokenizer"]
+        load = (f'base = {run.base_auto_class}.from_pretrained(\n    "<your copy of the base model>"{head})\n'
+                f'model = PeftModel.from_pretrained(base, "{ref}")')
+    else:
+        lines += [f"from transformers import {run.base_auto_class}, AutoTokenizer"]
+        load = f'model = {run.base_auto_class}.from_pretrained("{ref}")'
+    if run.labels is not None:
+        where = (f'hf_hub_download("{ref}", "labels.json")' if args.hub_model_id else f'"{ref}/labels.json"')
+        if args.hub_model_id:
+            lines.append("from huggingface_hub import hf_hub_download")
+        lines += ["", f"labels = json.load(open({where}))"]
+    lines += ["", load, f'tokenizer = AutoTokenizer.from_pretrained("{ref}")']
+    return "\n".join(lines).replace("\n\n\n", "\n\n")
+
+
+def model_card(args: argparse.Namespace, run: RunOutputs, metrics: dict, is_adapter: bool,
+               hub_base: Optional[str] = None, lra_section: str = "") -> str:
+    """The run's Hub model card (`huggingface_hub.ModelCard`): metadata with a model-index of the validation and test
+    metrics, what was trained on what, the metrics, one "How to load" and one "Framework versions" section."""
+    import _distill  # imported here: _distill imports this module
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from lra_peft.hub import INSTALL_LINE, eval_results, framework_versions
+
+    dataset_id = args.dataset_name or (HUB_DATASETS.get(run.dataset) if args.data_dir is None else None)
+    ref = args.hub_model_id or "path/to/this/folder"
+    tags = ["lra-peft", args.method, run.task]
+    if is_adapter and hub_base is not None:
+        tags.append(f"base_model:adapter:{hub_base}")
+    data = ModelCardData(
+        library_name="peft" if is_adapter else "transformers", base_model=hub_base, pipeline_tag=run.pipeline,
+        tags=tags, datasets=[dataset_id] if dataset_id else None,
+        model_name=(args.hub_model_id or f"{run.task}-{args.method}").split("/")[-1],
+        eval_results=eval_results({"validation": run.eval_metrics, "test": run.test_metrics}, task_type=run.pipeline,
+                                  dataset_type=dataset_id or run.dataset, dataset_name=run.dataset,
+                                  dataset_config=args.dataset_config_name) or None,
+    )
     rows = [f"| {split} | {name} | {value:.4f} |" for split, values in (("validation", run.eval_metrics),
                                                                          ("test", run.test_metrics))
             for name, value in values.items() if isinstance(value, float)]
-    ref = args.hub_model_id or "path/to/this/folder"
-    if run.usage:
-        usage = run.usage.replace("{ref}", ref)
-    elif is_adapter:
-        usage = (
-            "import json\n\nimport lra_peft  # noqa: F401  (registers the LRA method with PEFT; import it first)\n"
-            f"from peft import {run.auto_class}\nfrom transformers import AutoTokenizer\n\n"
-            f'labels = json.load(open("{ref}/labels.json"))\n'
-            f'model = {run.auto_class}.from_pretrained(\n    "{ref}", num_labels=len(labels),\n'
-            "    id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)},\n)\n"
-            f'tokenizer = AutoTokenizer.from_pretrained("{ref}")'
-        )
-    else:
-        usage = (f"from transformers import {run.base_auto_class}, AutoTokenizer\n\n"
-                 f'model = {run.base_auto_class}.from_pretrained("{ref}")\n'
-                 f'tokenizer = AutoTokenizer.from_pretrained("{ref}")')
-    library = "peft" if is_adapter else "transformers"
-    return f"""---
-library_name: {library}
-base_model: {args.model_name_or_path}
-pipeline_tag: {run.pipeline}
-tags:
-- lra-peft
-- {args.method}
-- {run.task}
----
-
-# {run.task}: {args.method} on {run.dataset}
-
-Fine-tuned with `recipes/{run.task}.py` of lra-peft ({'PEFT adapter' if is_adapter else
-'full fine-tuning'}, method `{args.method}`{f', r={args.r}' if is_adapter else ''}) from `{args.model_name_or_path}`.
-
-- Trainable parameters: {metrics['trainable_params']:,} of {metrics['total_params']:,}
-- Training: {metrics['train_steps']} steps, {metrics['epochs']} epoch(s), {metrics['train_runtime_s']} s,
-  {metrics['train_samples_per_second']} samples/s, on {metrics['machine']}, {metrics['date']}
-{_distill.card_line(args)}- Command: `{metrics['command']}`
-
-## Metrics
-
-| split | metric | value |
-|---|---|---|
-{chr(10).join(rows)}
-
-The full set is in `metrics.json`, the per-class report in `{run.report_name}`.
-
-## How to load
-
-```python
-{usage}
-```
-
-The adapter records its base model as `{args.model_name_or_path}`; if that path does not exist on your machine, load
-the base yourself and use `peft.PeftModel.from_pretrained(base, "{ref}")`.
-"""
+    load = loading_code(args, run, ref, hub_base, is_adapter)
+    code = run.usage.replace("{load}", load).replace("{ref}", ref) if run.usage else load
+    base = f"[`{hub_base}`](https://huggingface.co/{hub_base})" if hub_base else "a local model (no Hub id recorded)"
+    kind = "PEFT adapter" if is_adapter else "full fine-tuning"
+    lines = [
+        f"# {run.task}: {args.method} on {run.dataset}",
+        "",
+        f"Fine-tuned with `recipes/{run.task}.py` of lra-peft ({kind}, method `{args.method}`"
+        f"{f', r={args.r}' if is_adapter else ''}) from {base}.",
+        "",
+        f"- Trainable parameters: {metrics['trainable_params']:,} of {metrics['total_params']:,}",
+        f"- Training: {metrics['train_steps']} steps, {metrics['epochs']} epoch(s), {metrics['train_runtime_s']} s, "
+        f"{metrics['train_samples_per_second']} samples/s, on {metrics['machine']}, {metrics['date']}",
+        *([_public_command_line(_distill.card_line(args))] if _distill.enabled(args) else []),
+        f"- Command: `{_public_command(metrics['command'])}`",
+        "",
+        "## Metrics",
+        "",
+        "| split | metric | value |",
+        "|---|---|---|",
+        *rows,
+        "",
+        f"The full set is in `metrics.json`, the per-class report in `{run.report_name}`.",
+        "",
+    ]
+    if lra_section:
+        lines += [lra_section, ""]
+    lines += ["## How to load", ""]
+    if is_adapter and args.method == "lra":
+        lines += [f"{INSTALL_LINE}.", ""]
+    lines += ["```python", code, "```", ""]
+    if is_adapter and args.method == "lra":
+        lines += ["Without lra-peft at serving time (vLLM, TGI, plain PEFT), convert it once to a standard LoRA adapter "
+                  "(exact) or merge it into the base model:", "", "```bash",
+                  f"lra-peft export-lora {ref} {ref}-lora   # then PeftModel.from_pretrained(base, \"{ref}-lora\")",
+                  f"lra-peft merge <base model folder> {ref} merged-model", "```", ""]
+    lines += ["## Framework versions", "", *framework_versions(), ""]
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
 
 
 def push_to_hub(args: argparse.Namespace, output_dir: Path) -> None:

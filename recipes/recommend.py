@@ -441,13 +441,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     eval_metrics = result.eval_metrics  # of the model kept: the best epoch's with --load_best_model_at_end
     test_metrics, test_report = evaluate(accelerator.unwrap_model(model), "test")
     accelerator.print(test_report)
-    loader_code = ("import lra_peft  # noqa: F401  (registers LRA with PEFT; import it first)\n"
-                   "from peft import AutoPeftModelForFeatureExtraction as Model\n") if args.method != "full" else \
-        "from transformers import AutoModel as Model\n"
     usage = (
-        "import torch.nn.functional as F\n\n" + loader_code + "from transformers import AutoTokenizer\n\n"
-        'model = Model.from_pretrained("{ref}").eval()\n'
-        'tokenizer = AutoTokenizer.from_pretrained("{ref}")\n\n'
+        "import torch.nn.functional as F\n{load}\nmodel.eval()\n\n"
         "def embed(texts):\n    batch = tokenizer(texts, padding=True, truncation=True, return_tensors='pt')\n"
         "    hidden = model(**batch).last_hidden_state\n    mask = batch['attention_mask'].unsqueeze(-1)\n"
         "    return F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)\n\n"

