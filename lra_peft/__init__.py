@@ -6,6 +6,7 @@
 
 from ._registration import register as _register
 from .allocation import RankAllocator, budget_schedule
+from .calibration import preprocess
 from .callbacks import LRARankCallback
 from .config import LRAConfig
 from .export import CompressionReport, compress, export_lora, export_merged
@@ -46,6 +47,7 @@ __all__ = [
     "export_merged",
     "lra_param_groups",
     "orthogonal_loss",
+    "preprocess",
     "push_to_hub",
     "quantized_load",
     "rank_report",
