@@ -17,6 +17,7 @@ from pathlib import Path
 
 import bitsandbytes as bnb
 import pytest
+import test_recipes as recipe_tests
 import torch
 from conftest import VOCAB, make_bert_seq_cls, make_gpt2, tiny_bert_config
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -379,3 +380,46 @@ def test_4bit_base_through_quantized_load_decomposes_full_precision_w(checkpoint
         reference = BertModel.from_pretrained(checkpoint)(input_ids=ids).last_hidden_state
     # At step 0 the model is W up to quantization error, like the quantized base itself.
     assert torch.linalg.norm(out - reference) < 1.5 * torch.linalg.norm(plain_quant - reference)
+
+
+# ---------------------------------------------------------------------------------------------------- recipes
+tiny_model = recipe_tests.tiny_model  # the session fixture: a tiny BERT folder with a tokenizer
+run_recipe, small, write_conll = recipe_tests.run_recipe, recipe_tests.small, recipe_tests.write_conll
+
+
+def test_ner_recipe_with_corda_calibrates_on_the_training_split_and_saves_a_reloadable_adapter(tiny_model, tmp_path):
+    from _calibration import calibration_subset
+    from safetensors.torch import load_file
+
+    data = write_conll(tmp_path / "conll")
+    runs = {}
+    for init in ("corda", "principal"):
+        out = tmp_path / init
+        run_recipe("ner.py", *small(tiny_model, data, out, "--init_weights", init, "--calibration_samples", "16",
+                                    "--max_train_steps", "2"))
+        runs[init] = load_file(out / "adapter_model.safetensors")
+    metrics = json.loads((tmp_path / "corda" / "metrics.json").read_text())
+    assert metrics["args"]["init_weights"] == "corda" and metrics["args"]["calibration_samples"] == 16
+    assert json.loads((tmp_path / "corda" / "adapter_config.json").read_text())["init_weights"] == "corda"
+    u0 = [k for k in runs["corda"] if k.endswith("lra_U0")]
+    assert u0 and all(not torch.allclose(runs["corda"][k], runs["principal"][k], atol=1e-3) for k in u0)
+    # The calibration subset: drawn with the seed, without repeats, from the training features only.
+    features = [{"input_ids": [i], "index": i} for i in range(10)]
+    subset = calibration_subset(features, 4, seed=42)
+    assert subset == calibration_subset(features, 4, seed=42) and len({f["input_ids"][0] for f in subset}) == 4
+    assert subset != calibration_subset(features, 4, seed=43) and all("index" not in f for f in subset)
+    assert len(calibration_subset(features, 256, seed=42)) == 10
+
+
+def test_recommend_recipe_with_gradient_uses_the_bi_encoder_loss(tiny_model, tmp_path):
+    out = tmp_path / "out"
+    run_recipe("recommend.py", *small(tiny_model, recipe_tests.write_movielens(tmp_path / "ml"), out, "--num_eval_negatives", "9",
+                                      "--init_weights", "gradient", "--max_train_steps", "2"))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["args"]["init_weights"] == "gradient" and metrics["train_steps"] == 2
+
+
+def test_recipe_rejects_a_non_positive_calibration_sample_count(tiny_model, tmp_path):
+    proc = run_recipe("ner.py", *small(tiny_model, write_conll(tmp_path / "conll"), tmp_path / "out",
+                                       "--init_weights", "corda", "--calibration_samples", "0"), check=False)
+    assert proc.returncode != 0 and "--calibration_samples=0" in proc.stderr
