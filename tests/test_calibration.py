@@ -423,3 +423,11 @@ def test_recipe_rejects_a_non_positive_calibration_sample_count(tiny_model, tmp_
     proc = run_recipe("ner.py", *small(tiny_model, write_conll(tmp_path / "conll"), tmp_path / "out",
                                        "--init_weights", "corda", "--calibration_samples", "0"), check=False)
     assert proc.returncode != 0 and "--calibration_samples=0" in proc.stderr
+
+
+def test_intent_recipe_with_gradient_on_a_4bit_base(tiny_model, tmp_path):
+    out = tmp_path / "out"
+    run_recipe("intent.py", *small(tiny_model, recipe_tests.write_banking(tmp_path / "banking"), out, "--r", "4",
+                                   "--load_in_4bit", "--init_weights", "gradient", "--max_train_steps", "1"))
+    assert json.loads((out / "adapter_config.json").read_text())["init_weights"] == "gradient"
+    assert json.loads((out / "metrics.json").read_text())["train_steps"] == 1
