@@ -3,9 +3,9 @@
 Shapes, in the "matrix view" of the base weight (out × in; see `_to_matrix`):
     lra_U[a]: out × r    lra_lambda[a]: r    lra_V[a]: in × r    scaling[a] = lra_alpha / r
 
-SVD-initialised adapters (`"principal"` / `"minor"`, and the task-aware `"corda"` / `"gradient"`) also keep their initial factors as buffers
-`lra_U0`, `lra_lambda0`, `lra_V0`, so that ΔW₀ = s · U₀ · diag(λ₀) · V₀ᵀ is known at any time. At most one such
-adapter per layer, the *residual owner*, has ΔW₀ subtracted from the base weight (PiSSA's residual, which is what
+SVD-initialised adapters (`"principal"` / `"minor"`, and the task-aware `"corda"` / `"gradient"`) also keep their
+initial factors as buffers `lra_U0`, `lra_lambda0`, `lra_V0`, so that ΔW₀ = s · U₀ · diag(λ₀) · V₀ᵀ is known at any
+time. At most one such adapter per layer, the *residual owner*, has ΔW₀ subtracted from the base weight (PiSSA's residual, which is what
 makes quantized residuals and fast training possible). Every other SVD-initialised adapter, and every adapter loaded
 from a checkpoint, subtracts its ΔW₀ in the forward pass instead. The original weight is therefore always
 `base + ΔW₀(owner)`, which keeps the base model, other adapters, `"__base__"` rows, `unload()` and saved adapters

@@ -16,7 +16,10 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-DATA_AWARE_INITS = ("corda", "gradient")
+from lra_peft.config import DATA_AWARE_INITS
+
+__all__ = ["DATA_AWARE_INITS", "DEFAULT_CALIBRATION_SAMPLES", "CalibrationData", "calibrate", "calibration_subset"]
+
 DEFAULT_CALIBRATION_SAMPLES = 256
 
 
