@@ -238,8 +238,12 @@ class LRAConfig(PeftConfig):
 
     @property
     def needs_calibration(self) -> bool:
-        """True for inits built from `lra_peft.preprocess` statistics (a restored adapter needs none)."""
-        return self.init_weights in DATA_AWARE_INITS and not self._from_checkpoint
+        """True for inits built from `lra_peft.preprocess` statistics. A restored adapter needs none: one whose config
+        was read from adapter_config.json, or one that `PeftModel.from_pretrained` / `load_adapter` loads with a config
+        the user built (its U₀, λ₀, V₀ come from the checkpoint)."""
+        from .safety import loading_lra_adapter  # safety imports nothing of lra_peft's model code: no cycle
+
+        return self.init_weights in DATA_AWARE_INITS and not self._from_checkpoint and not loading_lra_adapter()
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs) -> LRAConfig:

@@ -96,7 +96,10 @@ class LRALayer(BaseTunerLayer):
         dropout = nn.Dropout(p=config.lra_dropout) if config.lra_dropout > 0.0 else nn.Identity()
         self.lra_dropout[adapter_name] = dropout
 
-        decompose = config.decomposes_base and not getattr(config, "_from_checkpoint", False)
+        # A task-aware adapter being loaded gets its factors from the checkpoint, like one read from its own config.
+        restored = getattr(config, "_from_checkpoint", False) or (
+            config.init_weights in DATA_AWARE_INITS and not config.needs_calibration)
+        decompose = config.decomposes_base and not restored
         if decompose:
             U, lam, V = self._svd_factors(adapter_name, r, config)
         else:

@@ -286,6 +286,11 @@ def test_save_then_fresh_process_loads_onto_the_original_base_with_the_same_outp
     adapted_err, base_err = eval(proc.stdout.strip().splitlines()[-1])
     assert adapted_err < 1e-5 and base_err < 1e-5, (adapted_err, base_err)
     assert (ref["adapted"] - ref["base"]).abs().max() > 1e-2  # the comparison can tell the two apart
+    # In this process too, with a config the user built (no statistics: the factors come from the checkpoint).
+    user_config = config(init)  # as built for training (no task_type there either)
+    loaded = PeftModel.from_pretrained(make_bert_seq_cls(), tmp_path / "adapter", config=user_config).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=input_ids).logits, ref["adapted"], rtol=0, atol=1e-5)
 
 
 def test_task_aware_adapter_coexists_with_a_principal_one():
