@@ -392,7 +392,7 @@ tiny_model = recipe_tests.tiny_model  # the session fixture: a tiny BERT folder 
 run_recipe, small, write_conll = recipe_tests.run_recipe, recipe_tests.small, recipe_tests.write_conll
 
 
-def test_ner_recipe_with_corda_calibrates_on_the_training_split_and_saves_a_reloadable_adapter(tiny_model, tmp_path):
+def test_ner_recipe_with_corda_calibrates_on_the_training_split_and_saves_its_factors(tiny_model, tmp_path):
     from _calibration import calibration_subset
     from safetensors.torch import load_file
 
