@@ -6,6 +6,7 @@
 
 from ._registration import register as _register
 from .allocation import RankAllocator, budget_schedule
+from .calibration import preprocess
 from .callbacks import LRARankCallback
 from .config import LRAConfig
 from .conversion import install_lora_conversion_hook as _install_lora_conversion_hook
@@ -48,6 +49,7 @@ __all__ = [
     "export_merged",
     "lra_param_groups",
     "orthogonal_loss",
+    "preprocess",
     "push_to_hub",
     "quantized_load",
     "rank_report",

@@ -12,7 +12,10 @@ from peft.config import PeftConfig
 
 from ._registration import ensure_peft_type
 
-INIT_WEIGHTS_CHOICES = (True, False, "principal", "minor")
+INIT_WEIGHTS_CHOICES = (True, False, "principal", "minor", "corda", "gradient")
+# Inits whose factors come from statistics that `lra_peft.preprocess` collects on the task's data.
+DATA_AWARE_INITS = ("corda", "gradient")
+CORDA_METHODS = ("ipm", "kpm")
 BIAS_CHOICES = ("none", "all", "lra_only")
 
 
@@ -45,7 +48,13 @@ class LRAConfig(PeftConfig):
         exclude_modules: Module names or regex to leave alone.
         init_weights: `True`: ΔW = 0 (λ = 0, U and V random with orthonormal columns). `False`: a random non-zero ΔW
             (for tests). `"principal"`: U, λ, V are the top-r singular triplets of W and the frozen base becomes the
-            residual W − ΔW (PiSSA). `"minor"`: the r smallest singular triplets (MiLoRA).
+            residual W − ΔW (PiSSA). `"minor"`: the r smallest singular triplets (MiLoRA). `"corda"` and
+            `"gradient"`: task-aware SVD inits that need `lra_peft.preprocess(model, config, run_model)` first (CorDA:
+            SVD of W·C with C the inputs' second moment; LoRA-GA-style: singular vectors of the task gradient); they
+            own the residual like `"principal"`. See docs/initialisation.md.
+        corda_method: For `"corda"`: `"ipm"` (instruction-previewed: the adapter takes the r largest components of
+            W·C) or `"kpm"` (knowledge-preserving: the r smallest, so the frozen base keeps what the data uses most).
+        gradient_scale: For `"gradient"`: every singular value of the initial ΔW₀ = gradient_scale · U₀V₀ᵀ.
         svd_niter: `None` computes an exact SVD for `"principal"`; an integer uses a randomized SVD with that many
             power iterations (for large matrices).
         orth_reg_weight: Weight of `‖UᵀU − I‖²_F + ‖VᵀV − I‖²_F` (averaged over adapted layers) added to the loss that
@@ -71,8 +80,14 @@ class LRAConfig(PeftConfig):
     exclude_modules: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "Module names or a regex to exclude."}
     )
-    init_weights: Union[bool, Literal["principal", "minor"]] = field(
-        default=True, metadata={"help": "True, False, 'principal' or 'minor'."}
+    init_weights: Union[bool, Literal["principal", "minor", "corda", "gradient"]] = field(
+        default=True, metadata={"help": "True, False, 'principal', 'minor', 'corda' or 'gradient'."}
+    )
+    corda_method: Literal["ipm", "kpm"] = field(
+        default="ipm", metadata={"help": "For init_weights='corda': 'ipm' (largest components) or 'kpm' (smallest)."}
+    )
+    gradient_scale: float = field(
+        default=1.0, metadata={"help": "For init_weights='gradient': the singular values of the initial ΔW₀."}
     )
     svd_niter: Optional[int] = field(
         default=None, metadata={"help": "None: exact SVD; an int: randomized SVD with that many power iterations."}
@@ -139,15 +154,19 @@ class LRAConfig(PeftConfig):
             raise bad("lra_dropout", "use a probability in [0, 1)")
         if not any(self.init_weights is c or (isinstance(c, str) and self.init_weights == c)
                    for c in INIT_WEIGHTS_CHOICES):
-            raise bad("init_weights", "accepted values are True, False, 'principal' and 'minor'")
+            raise bad("init_weights", "accepted values are True, False, 'principal', 'minor', 'corda' and 'gradient'")
+        if self.corda_method not in CORDA_METHODS:
+            raise bad("corda_method", "use 'ipm' (instruction-previewed) or 'kpm' (knowledge-preserving)")
+        if not _is_number(self.gradient_scale) or self.gradient_scale <= 0:
+            raise bad("gradient_scale", "use a positive number such as 1.0")
         if self.svd_niter is not None:
             if not _is_int(self.svd_niter) or self.svd_niter < 0:
                 raise bad("svd_niter", "use None for an exact SVD or a non-negative number of power iterations")
-            if self.init_weights == "minor":
+            if self.init_weights in ("minor", "corda"):
                 raise bad(
                     "svd_niter",
-                    "a randomized SVD only finds the largest singular values; init_weights='minor' needs "
-                    "svd_niter=None (exact SVD)",
+                    f"a randomized SVD only finds the largest singular values; init_weights={self.init_weights!r} "
+                    "needs svd_niter=None (exact SVD)",
                 )
         if not _is_number(self.orth_reg_weight) or self.orth_reg_weight < 0:
             raise bad("orth_reg_weight", "use a number >= 0")
@@ -213,8 +232,18 @@ class LRAConfig(PeftConfig):
 
     @property
     def decomposes_base(self) -> bool:
-        """True when initialisation comes from the SVD of the base weight."""
-        return self.init_weights in ("principal", "minor")
+        """True when initialisation comes from an SVD of the base weight (or of a task statistic) and the adapter owns
+        the residual W − ΔW₀."""
+        return self.init_weights in ("principal", "minor", *DATA_AWARE_INITS)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """True for inits built from `lra_peft.preprocess` statistics. A restored adapter needs none: one whose config
+        was read from adapter_config.json, or one that `PeftModel.from_pretrained` / `load_adapter` loads with a config
+        the user built (its U₀, λ₀, V₀ come from the checkpoint)."""
+        from .safety import loading_lra_adapter  # safety imports nothing of lra_peft's model code: no cycle
+
+        return self.init_weights in DATA_AWARE_INITS and not self._from_checkpoint and not loading_lra_adapter()
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs) -> LRAConfig:

@@ -123,3 +123,66 @@ def random_orthonormal(rows: int, r: int, generator: Optional[torch.Generator] =
     gaussian = torch.randn(max(rows, r), min(rows, r), generator=generator)
     q, _ = torch.linalg.qr(gaussian)
     return q if rows >= r else q.T[:rows]
+
+
+# ----------------------------------------------------------------------------------------- task-aware initialisations
+# CorDA regularises the input second moment before inverting it: C̃ = C + CORDA_DAMPING · mean(diag C) · I. 0.01 is
+# the damping PEFT's `preprocess_corda` starts from; a fixed value keeps the identity (W − ΔW₀)·C̃ = tail of W·C̃ exact.
+CORDA_DAMPING = 1e-2
+
+
+def regularised_covariance(covariance: torch.Tensor, damping: float = CORDA_DAMPING) -> torch.Tensor:
+    """C̃ = C + damping · mean(diag C) · I in float64 (in × in), positive definite for any C ⪰ 0 that is not 0."""
+    c = covariance.detach().to(torch.float64)
+    c = (c + c.T) / 2  # summed in float32 batch by batch: make it exactly symmetric
+    mean_diag = c.diagonal().mean()
+    if not torch.isfinite(c).all() or mean_diag <= 0:
+        raise ValueError(
+            "the calibration inputs of this layer have no energy (their second moment XᵀX is zero or not finite); "
+            "check that run_model() runs the model on real batches"
+        )
+    return c + damping * mean_diag * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+
+
+def corda_factors(
+    weight: torch.Tensor, covariance: torch.Tensor, r: int, method: Literal["ipm", "kpm"] = "ipm",
+    damping: float = CORDA_DAMPING,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CorDA: the rank-r part of W oriented by the layer's inputs (Yang et al., 2024).
+
+    With C̃ the regularised input second moment (`regularised_covariance`, in × in) and W·C̃ = P Σ Qᵀ, the adapter is
+    ΔW₀ = P_r Σ_r Q_rᵀ C̃⁻¹ (the r largest triplets for `"ipm"`, instruction-previewed; the r smallest for `"kpm"`,
+    knowledge-preserving), so that ‖(W − ΔW₀)·C̃‖_F is the norm of the other singular values of W·C̃.
+
+    Returns `(U, S, V)` in float32 (U: out × r orthonormal, S: r, V: in × r with unit columns, not orthogonal) with
+    `U @ diag(S) @ V.T = ΔW₀`.
+    """
+    if weight.dim() != 2 or covariance.shape != (weight.shape[1], weight.shape[1]):
+        raise ValueError(
+            f"CorDA needs a 2-D weight (out × in) and an in × in covariance, got {tuple(weight.shape)} and "
+            f"{tuple(covariance.shape)}"
+        )
+    if r > min(weight.shape):
+        raise ValueError(f"r={r} exceeds the rank of a {tuple(weight.shape)} weight; lower `r` or use `rank_pattern`.")
+    c = regularised_covariance(covariance, damping)
+    u, s, vh = torch.linalg.svd(weight.detach().to(torch.float64) @ c, full_matrices=False)
+    keep = slice(0, r) if method == "ipm" else slice(s.numel() - r, s.numel())
+    # Qᵀ C̃⁻¹ = (C̃⁻¹ Q)ᵀ since C̃ is symmetric; a Cholesky solve is stabler than forming the inverse.
+    v = torch.cholesky_solve(vh[keep].T.contiguous(), torch.linalg.cholesky(c))
+    norms = torch.linalg.vector_norm(v, dim=0)
+    return u[:, keep].float().contiguous(), (s[keep] * norms).float(), (v / norms).float().contiguous()
+
+
+def gradient_factors(
+    gradient: torch.Tensor, r: int, scale: float, niter: Optional[int] = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LoRA-GA-style factors from the accumulated task gradient G = ∂L/∂W (out × in).
+
+    U = the top-r left and V the top-r right singular vectors of G, and ΔW₀ = scale · U Vᵀ: every direction starts
+    with the same weight, so that the first gradient step of (U, λ, V) is s²·(1 + 2·λ₀²)·(rank-r truncation of G),
+    i.e. along full fine-tuning's own step (see docs/initialisation.md). Returns `(U, S, V)` with S = scale · 1.
+    """
+    u, _, v = top_or_bottom_svd(gradient, r, "principal", niter=niter)
+    if not torch.isfinite(u).all() or not torch.isfinite(v).all():
+        raise ValueError("the accumulated gradient of this layer is not finite; check the calibration loss")
+    return u, torch.full((r,), float(scale)), v

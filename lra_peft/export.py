@@ -1,8 +1,9 @@
 """Deploy LRA adapters: as a standard LoRA adapter, as a merged model, or re-factored to a lower rank.
 
 LRA's ΔW = s · U · diag(λ) · Vᵀ is a LoRA product B · A with B = s · U · diag(λ) and A = Vᵀ, so a LoRA adapter with
-`lora_alpha = r` (LoRA scale 1) reproduces it exactly. `"principal"`/`"minor"` adapters export their residual-free
-form, relative to the original base weight: B = [s·U·diag(λ) | −s·U₀·diag(λ₀)], A = [V | V₀]ᵀ (rank 2r).
+`lora_alpha = r` (LoRA scale 1) reproduces it exactly. Adapters that own a residual (`"principal"`, `"minor"`,
+`"corda"`, `"gradient"`) export their residual-free form, relative to the original base weight:
+B = [s·U·diag(λ) | −s·U₀·diag(λ₀)], A = [V | V₀]ᵀ (rank 2r).
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
 Shapes, in the "matrix view" of the base weight (out × in; see `_to_matrix`):
     lra_U[a]: out × r    lra_lambda[a]: r    lra_V[a]: in × r    scaling[a] = lra_alpha / r
 
-SVD-initialised adapters (`"principal"` / `"minor"`) also keep their initial factors as buffers
-`lra_U0`, `lra_lambda0`, `lra_V0`, so that ΔW₀ = s · U₀ · diag(λ₀) · V₀ᵀ is known at any time. At most one such
-adapter per layer, the *residual owner*, has ΔW₀ subtracted from the base weight (PiSSA's residual, which is what
+SVD-initialised adapters (`"principal"` / `"minor"`, and the task-aware `"corda"` / `"gradient"`) also keep their
+initial factors as buffers `lra_U0`, `lra_lambda0`, `lra_V0`, so that ΔW₀ = s · U₀ · diag(λ₀) · V₀ᵀ is known at any
+time. At most one such adapter per layer, the *residual owner*, has ΔW₀ subtracted from the base weight (PiSSA's residual, which is what
 makes quantized residuals and fast training possible). Every other SVD-initialised adapter, and every adapter loaded
 from a checkpoint, subtracts its ΔW₀ in the forward pass instead. The original weight is therefore always
 `base + ΔW₀(owner)`, which keeps the base model, other adapters, `"__base__"` rows, `unload()` and saved adapters
@@ -24,8 +24,9 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from peft.utils.quantization_utils import ForwardOnlyQuantizationBackend
 from torch import nn
 
-from .config import LRAConfig
-from .decomposition import random_orthonormal, top_or_bottom_svd
+from .calibration import calibration_stats
+from .config import DATA_AWARE_INITS, LRAConfig
+from .decomposition import corda_factors, gradient_factors, random_orthonormal, top_or_bottom_svd
 from .quantization import (
     full_precision_weight,
     has_full_precision_source,
@@ -95,7 +96,10 @@ class LRALayer(BaseTunerLayer):
         dropout = nn.Dropout(p=config.lra_dropout) if config.lra_dropout > 0.0 else nn.Identity()
         self.lra_dropout[adapter_name] = dropout
 
-        decompose = config.decomposes_base and not getattr(config, "_from_checkpoint", False)
+        # A task-aware adapter being loaded gets its factors from the checkpoint, like one read from its own config.
+        restored = getattr(config, "_from_checkpoint", False) or (
+            config.init_weights in DATA_AWARE_INITS and not config.needs_calibration)
+        decompose = config.decomposes_base and not restored
         if decompose:
             U, lam, V = self._svd_factors(adapter_name, r, config)
         else:
@@ -133,6 +137,9 @@ class LRALayer(BaseTunerLayer):
             )
         # With another adapter's ΔW₀ already subtracted, decompose the original weight, not that residual.
         weight = self._original_weight_matrix()
+        if config.init_weights in DATA_AWARE_INITS:
+            U, S, V = self._task_aware_factors(weight, r, config)
+            return U, S / self.scaling[adapter_name], V
         U, S, V = top_or_bottom_svd(weight, r, config.init_weights, niter=config.svd_niter)
         if config.quant_refine_iters and quantized_owner:
             # This adapter's ΔW₀ will leave the base as Q(W − ΔW₀): fit ΔW₀ to what that quantization loses.
@@ -148,6 +155,17 @@ class LRALayer(BaseTunerLayer):
                 niter=config.svd_niter,
             )
         return U, S / self.scaling[adapter_name], V
+
+    def _task_aware_factors(self, weight: torch.Tensor, r: int, config: LRAConfig) -> tuple[torch.Tensor, ...]:
+        """(U, S, V) of `"corda"` / `"gradient"` from the statistics `lra_peft.preprocess` left on the base layer."""
+        stats = calibration_stats(self.get_base_layer(), config.init_weights)
+        if stats is None:  # LRAModel checks every target before changing any; this guards direct use of the layer
+            raise ValueError(f"init_weights={config.init_weights!r} needs statistics: call "
+                             "lra_peft.preprocess(model, config, run_model) before get_peft_model.")
+        matrix = stats.matrix.to(weight.device)
+        if config.init_weights == "corda":
+            return corda_factors(weight, matrix, r, config.corda_method)
+        return gradient_factors(matrix, r, config.gradient_scale, niter=config.svd_niter)
 
     def _base_weight_matrix(self) -> torch.Tensor:
         return self._to_matrix(self.get_base_weight()).to(torch.float32)

@@ -25,6 +25,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .allocation import RankAllocator, check_not_loading_cut_into_full_rank, cut_adapter_state_dict
+from .calibration import calibration_stats, release_calibration
 from .config import LRAConfig
 from .layer import Conv2d, Embedding, Linear, LRALayer
 from .regularization import orthogonal_loss
@@ -108,6 +109,8 @@ class LRAModel(BaseTuner):
         except Exception:
             self._remove_partial_adapter(model, adapter_name)
             raise
+        if self.peft_config[adapter_name].needs_calibration:
+            release_calibration(model)  # consumed: U₀, λ₀, V₀ now hold what the adapter needs
 
     def _matched_targets(self, model: nn.Module, adapter_name: str) -> list[tuple[str, nn.Module]]:
         config = copy.deepcopy(self.peft_config[adapter_name])
@@ -142,6 +145,12 @@ class LRAModel(BaseTuner):
                 raise ValueError(
                     f"Target module {key} ({type(base).__name__}) is not supported by LRA. Supported: "
                     f"{SUPPORTED_LAYERS}. Narrow LRAConfig.target_modules so that it does not match this module."
+                )
+            if config.needs_calibration and calibration_stats(base, config.init_weights) is None:
+                raise ValueError(
+                    f"LRAConfig.init_weights={config.init_weights!r} needs task statistics on {key}, and it has none: "
+                    "call lra_peft.preprocess(model, config, run_model) with this config before get_peft_model "
+                    "(each get_peft_model / add_adapter consumes them)."
                 )
             if layer_type == "conv2d" and base.groups != 1:
                 raise ValueError(

@@ -379,7 +379,8 @@ def _as_full_precision_linear(module: nn.Module) -> nn.Linear:
 
 # ------------------------------------------------------------------------------------ continuing training
 def restore_quantized_residual(model: nn.Module, adapter_name: str = "default") -> int:
-    """Make a loaded `"principal"` / `"minor"` adapter own its quantized residual again, as during its training.
+    """Make a loaded SVD-initialised adapter (`"principal"`, `"minor"`, `"corda"`, `"gradient"`) own its quantized
+    residual again, as during its training.
 
     A saved SVD-initialised adapter stores ΔW₀ (`lra_U0`, `lra_lambda0`, `lra_V0`). Loaded onto the quantized
     pretrained model, whose base holds Q(W), it subtracts ΔW₀ in the forward pass: Q(W) − ΔW₀ + ΔW. The model it
@@ -400,7 +401,8 @@ def restore_quantized_residual(model: nn.Module, adapter_name: str = "default") 
     if not layers:
         raise ValueError(
             f"restore_quantized_residual: no LRA layer holds an SVD-initialised adapter {adapter_name!r} "
-            "(init_weights='principal' or 'minor'); pass the name the adapter was loaded under."
+            "(init_weights 'principal', 'minor', 'corda' or 'gradient'); pass the name the adapter was loaded "
+            "under."
         )
     changed = 0
     for layer in layers:

@@ -53,6 +53,11 @@ _LRA_LOAD: contextvars.ContextVar[bool] = contextvars.ContextVar("lra_peft_lra_l
 _GUARDED: contextvars.ContextVar[bool] = contextvars.ContextVar("lra_peft_guarded", default=False)
 
 
+def loading_lra_adapter() -> bool:
+    """True while `PeftModel.from_pretrained` / `load_adapter` loads an LRA adapter."""
+    return _LRA_LOAD.get()
+
+
 class AdapterFileError(ValueError):
     """An adapter file that cannot be used: malformed, truncated, corrupted, or a pickle file not opted into."""
 

@@ -84,7 +84,7 @@ class LayerFactors:
 
     @property
     def has_init(self) -> bool:
-        """True for `"principal"`/`"minor"` adapters, whose ΔW₀ must be subtracted to get the residual-free delta."""
+        """True for SVD-initialised adapters (principal, minor, corda, gradient), whose ΔW₀ must be subtracted to get the residual-free delta."""
         return self.U0 is not None
 
     def rank(self, tol: float = 0.0) -> int:

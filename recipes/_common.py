@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+from _calibration import DATA_AWARE_INITS, DEFAULT_CALIBRATION_SAMPLES, CalibrationData, calibrate
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
@@ -93,9 +94,9 @@ def _parse_init_weights(value: str) -> Union[bool, str]:
         return True
     if lowered in ("false", "0", "no"):
         return False
-    if lowered in ("principal", "minor"):
+    if lowered in ("principal", "minor", "corda", "gradient"):
         return lowered
-    raise argparse.ArgumentTypeError(f"{value!r}: use true, false, principal or minor")
+    raise argparse.ArgumentTypeError(f"{value!r}: use true, false, principal, minor, corda or gradient")
 
 
 def _parse_checkpointing_steps(value: str) -> Union[int, str]:
@@ -151,8 +152,12 @@ def build_parser(description: str, defaults: TaskDefaults) -> argparse.ArgumentP
                        help="Scale numerator (LRA's lra_alpha, LoRA's lora_alpha); default r, i.e. scale 1.")
     model.add_argument("--init_weights", type=_parse_init_weights, default=defaults.init_weights,
                        help="LRA initialisation: principal (PiSSA: U, λ, V = top-r SVD of W, base = residual), minor "
-                            "(MiLoRA: the r smallest triplets), true (ΔW=0) or false. "
-                            f"Default here: {defaults.init_weights}.")
+                            "(MiLoRA: the r smallest triplets), corda / gradient (task-aware: SVD of W·XᵀX or of the "
+                            "task gradient, from --calibration_samples training examples; docs/initialisation.md), "
+                            f"true (ΔW=0) or false. Default here: {defaults.init_weights}.")
+    model.add_argument("--calibration_samples", type=int, default=DEFAULT_CALIBRATION_SAMPLES,
+                       help="LRA with --init_weights corda|gradient: training examples (drawn with --seed) whose "
+                            "inputs / task gradient orient the initial adapter.")
     model.add_argument("--uv_lr_scale", type=_parse_uv_lr_scale, default="auto",
                        help="LRA: learning-rate factor of U and V; auto scales it per layer so that a principal "
                             "adapter's first steps move W as much as LoRA's (lra_peft.lra_param_groups); 1 = no scaling.")
@@ -235,7 +240,7 @@ def finalize_args(args: argparse.Namespace, defaults: TaskDefaults, argv: Option
     if args.method == "vera" and not any(a == "--r" or a.startswith("--r=") for a in raw):
         args.r = 256
     for name in ("r", "per_device_train_batch_size", "per_device_eval_batch_size",
-                 "gradient_accumulation_steps", "max_length", "logging_steps"):
+                 "gradient_accumulation_steps", "max_length", "logging_steps", "calibration_samples"):
         if getattr(args, name) <= 0:
             raise RecipeError(f"--{name}={getattr(args, name)} must be a positive integer")
     for name in ("num_train_epochs", "max_train_steps", "max_train_samples", "max_eval_samples",
@@ -495,8 +500,12 @@ def peft_config(args: argparse.Namespace, task_type: Optional[str], total_step: 
 
 
 def apply_method(model: nn.Module, args: argparse.Namespace, task_type: Optional[str], total_step: int,
-                 modules_to_save: Optional[list[str]] = None) -> nn.Module:
-    """Wrap `model` with the PEFT method of `--method` (full fine-tuning returns it unchanged, all trainable)."""
+                 modules_to_save: Optional[list[str]] = None,
+                 calibration: Optional[CalibrationData] = None) -> nn.Module:
+    """Wrap `model` with the PEFT method of `--method` (full fine-tuning returns it unchanged, all trainable).
+
+    `calibration` (training examples, collator, loss) feeds `lra_peft.preprocess` for `--init_weights corda|gradient`.
+    """
     config = peft_config(args, task_type, total_step, modules_to_save)
     if config is None:
         model.requires_grad_(True)
@@ -506,6 +515,11 @@ def apply_method(model: nn.Module, args: argparse.Namespace, task_type: Optional
     if args.load_in_8bit or args.load_in_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     try:
+        if args.method == "lra" and args.init_weights in DATA_AWARE_INITS:
+            if calibration is None:
+                raise RecipeError(f"--init_weights {args.init_weights} is not wired into this recipe (it passes no "
+                                  "calibration data to apply_method)")
+            calibrate(model, config, args, calibration)
         return get_peft_model(model, config)
     except ValueError as exc:
         raise RecipeError(f"--method {args.method} with --target_modules {args.target_modules}: {exc}") from None
@@ -1509,7 +1523,8 @@ def run_text_classification(args: argparse.Namespace, task: str, dataset: str, s
     schedule = plan_schedule(args, len(features["train"]), accelerator.num_processes)
     model = load_model(AutoModelForSequenceClassification, args, num_labels=len(labels),
                        id2label=dict(enumerate(labels)), label2id=label2id)
-    model = apply_method(model, args, "SEQ_CLS", schedule.max_train_steps)
+    model = apply_method(model, args, "SEQ_CLS", schedule.max_train_steps,
+                         calibration=CalibrationData(features["train"], collator, default_loss))
     eval_loaders = {split: accelerator.prepare(eval_dataloader(
         features[split], IndexedCollator(collator), args.per_device_eval_batch_size)) for split in ("validation", "test")}
 

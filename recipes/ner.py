@@ -133,7 +133,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     model = C.load_model(AutoModelForTokenClassification, args, num_labels=len(labels),
                          id2label=dict(enumerate(labels)), label2id=label2id)
-    model = C.apply_method(model, args, "TOKEN_CLS", schedule.max_train_steps)
+    model = C.apply_method(model, args, "TOKEN_CLS", schedule.max_train_steps,
+                           calibration=C.CalibrationData(features["train"], collator, C.default_loss))
     eval_loaders = {split: accelerator.prepare(C.eval_dataloader(
         features[split], C.IndexedCollator(collator), args.per_device_eval_batch_size)) for split in ("validation", "test")}
 

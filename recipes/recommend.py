@@ -426,7 +426,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     encoder = C.load_model(AutoModel, args)
     drop_pooler(encoder)
-    encoder = C.apply_method(encoder, args, "FEATURE_EXTRACTION", schedule.max_train_steps)
+    calibration = C.CalibrationData(train_features, PairCollator(tokenizer), lambda m, batch: m(**batch),
+                                    wrap=lambda enc: BiEncoder(enc, args.temperature))
+    encoder = C.apply_method(encoder, args, "FEATURE_EXTRACTION", schedule.max_train_steps, calibration=calibration)
     model = BiEncoder(encoder, args.temperature)
 
     evaluate = RankingEvaluator(args, accelerator, tokenizer, split, movies, item_ids, encode)

@@ -40,7 +40,7 @@ def test_bad_config_names_the_field(kwargs: dict, field: str) -> None:
 
 
 def test_unknown_init_weights_lists_accepted_values() -> None:
-    with pytest.raises(ValueError, match="True, False, 'principal' and 'minor'"):
+    with pytest.raises(ValueError, match="True, False, 'principal', 'minor', 'corda' and 'gradient'"):
         LRAConfig(init_weights="pissa")
 
 

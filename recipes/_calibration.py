@@ -1,0 +1,72 @@
+"""Calibration batches for LRA's task-aware inits (`--init_weights corda|gradient`): `lra_peft.preprocess` in a recipe.
+
+`--calibration_samples N` examples are drawn from the training split only (with the run's `--seed`, from a generator
+of their own, so the global RNG that drives dropout and the data order is untouched) and run through the model before
+`get_peft_model`, in batches of `--per_device_train_batch_size`. For "gradient" each batch's loss is the recipe's own
+training loss (`compute_loss`), so G is the gradient of the task that will be trained.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from lra_peft.config import DATA_AWARE_INITS
+
+__all__ = ["DATA_AWARE_INITS", "DEFAULT_CALIBRATION_SAMPLES", "CalibrationData", "calibrate", "calibration_subset"]
+
+DEFAULT_CALIBRATION_SAMPLES = 256
+
+
+@dataclass
+class CalibrationData:
+    """What a recipe hands `apply_method` for a task-aware init.
+
+    features: the training examples (as the train loop gets them; an `index` key is dropped);
+    collate_fn: the training collator; compute_loss(model, batch) -> loss: the training loss;
+    wrap: turns the adapted module into the model `compute_loss` takes (the recommender's bi-encoder), or None.
+    """
+
+    features: list[dict]
+    collate_fn: Callable[[list[dict]], dict]
+    compute_loss: Callable[[nn.Module, dict], torch.Tensor]
+    wrap: Optional[Callable[[nn.Module], nn.Module]] = None
+
+
+def calibration_subset(features: list[dict], samples: int, seed: int) -> list[dict]:
+    """`samples` examples of `features` (all of them if fewer), drawn without replacement with `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(features), generator=generator)[: min(samples, len(features))].tolist()
+    return [{k: v for k, v in features[i].items() if k != "index"} for i in order]
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def calibrate(model: nn.Module, config: Any, args: argparse.Namespace, data: CalibrationData) -> None:
+    """Run `lra_peft.preprocess` for `config` on `--calibration_samples` training examples."""
+    import lra_peft
+
+    subset = calibration_subset(data.features, args.calibration_samples, args.seed)
+    device = next(model.parameters()).device
+    loss_model = data.wrap(model) if data.wrap is not None else model
+    kind = config.init_weights
+
+    def run_model() -> None:
+        for start in range(0, len(subset), args.per_device_train_batch_size):
+            batch = _to_device(data.collate_fn(subset[start:start + args.per_device_train_batch_size]), device)
+            loss = data.compute_loss(loss_model, batch)
+            if kind == "gradient":
+                loss.backward()
+
+    lra_peft.preprocess(model, config, run_model)
