@@ -38,6 +38,9 @@ from _harness import (  # noqa: E402
 METHOD_FLAGS = {
     "lra": ("--method", "lra"),
     "lra-adaptive": ("--method", "lra", "--r", "12", "--target_r", "8"),
+    # LRA with the task-aware initialisations (lra_peft.preprocess on --calibration_samples training examples)
+    "lra-corda": ("--method", "lra", "--init_weights", "corda"),
+    "lra-gradient": ("--method", "lra", "--init_weights", "gradient"),
     "lora": ("--method", "lora"),
     "adalora": ("--method", "adalora", "--r", "12", "--target_r", "8"),
     "full": ("--method", "full"),
@@ -93,7 +96,7 @@ def recipe_args(method: str, seed: int, budget: Budget, output_dir: Path, extra:
 # Paths that the recipe resolves after parsing, or that name where the run went: not defaults that change results.
 NOT_COMPARED = {"output_dir", "model_name_or_path", "data_dir"}
 # Recipe flags that only --method lra reads (recipes/_common.py): a new default for them leaves other methods' runs valid.
-LRA_ONLY = {"init_weights", "uv_lr_scale", "uv_gain"}
+LRA_ONLY = {"init_weights", "uv_lr_scale", "uv_gain", "calibration_samples"}
 
 
 def changed_defaults(recipe: Path, args: list[str], metrics: dict) -> list[str]:

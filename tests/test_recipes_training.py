@@ -272,12 +272,15 @@ def test_parameter_counts_of_a_4bit_adapter_run_are_peft_s(tiny_model, tmp_path)
     run_recipe("sentiment.py", *small(tiny_model, write_sst2(tmp_path / "sst2"), out, "--max_train_steps", "1",
                                       "--load_in_4bit"))
     metrics = metrics_of(out)
-    from peft import AutoPeftModelForSequenceClassification
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
 
     import lra_peft  # noqa: F401
 
     # The same adapter on the full-precision base: PEFT counts a 4-bit weight as the parameters it stores, so the
-    # totals agree, where summing numel() over the 4-bit model counts half of each quantized weight.
-    model = AutoPeftModelForSequenceClassification.from_pretrained(str(out), num_labels=2)
+    # totals agree, where summing numel() over the 4-bit model counts half of each quantized weight. (The adapter
+    # names its base by Hub id, never by the local path, so the test loads the local base itself.)
+    base = AutoModelForSequenceClassification.from_pretrained(str(tiny_model), num_labels=2)
+    model = PeftModel.from_pretrained(base, str(out))
     assert metrics["total_params"] == model.get_nb_trainable_parameters()[1]
     assert 0 < metrics["trainable_params"] < metrics["total_params"]
