@@ -174,6 +174,7 @@ def _read_model(model_cls: Any, folder: Path, labels: Optional[Sequence[str]],
                 prepare: Callable[[nn.Module], None]) -> tuple[nn.Module, list[str]]:
     """(teacher model, its label names) from a full model folder or an adapter folder (onto its recorded base)."""
     metrics_file = folder / "metrics.json"
+    run_args: dict[str, Any] = {}
     if metrics_file.is_file():
         run_args = json.loads(metrics_file.read_text()).get("args", {})
         if run_args.get("load_in_8bit") or run_args.get("load_in_4bit"):
@@ -189,7 +190,11 @@ def _read_model(model_cls: Any, folder: Path, labels: Optional[Sequence[str]],
 
         import lra_peft  # noqa: F401  (registers LRA with PEFT before an LRA adapter is read)
 
-        base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        # adapter_config.json names the base by Hub id (or not at all) for publishing; the run's metrics.json records
+        # the folder it was actually loaded from, which is what reloads it here without the Hub.
+        base = run_args.get("model_name_or_path")
+        if not (isinstance(base, str) and Path(base).is_dir()):
+            base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
         try:
             base = C.resolve_model(base)
         except C.RecipeError as exc:
