@@ -174,6 +174,10 @@ def build_parser(description: str, defaults: TaskDefaults) -> argparse.ArgumentP
     out = p.add_argument_group("output")
     out.add_argument("--output_dir", default=defaults.output_dir or f"outputs/{defaults.dataset}",
                      help="Where the adapter, metrics.json, the report, the model card and checkpoints go.")
+    out.add_argument("--overwrite_output_dir", action="store_true",
+                     help="Replace the outputs of an earlier run in a non-empty --output_dir (they are swapped for "
+                          "this run's once it has finished; nothing of the earlier run is left). Without it a "
+                          "non-empty --output_dir is refused, unless resuming from a checkpoint.")
     out.add_argument("--checkpointing_steps", type=_parse_checkpointing_steps, default=None,
                      help="Save a checkpoint every N steps, or 'epoch'.")
     out.add_argument("--resume_from_checkpoint", nargs="?", const="latest", default=None,
@@ -562,6 +566,67 @@ def plan_schedule(args: argparse.Namespace, num_examples: int, num_processes: in
     return Schedule(updates, args.max_train_steps, math.ceil(args.max_train_steps / updates))
 
 
+# ---------------------------------------------------------------------------------------------- the output folder
+# Per output folder (resolved path): the entries an earlier run left there, by name -> (inode, mtime), when
+# --overwrite_output_dir lets this run replace them. `save_outputs` swaps them for this run's outputs.
+_EARLIER_OUTPUTS: dict[Path, dict[str, tuple[int, int]]] = {}
+
+
+def check_output_dir(args: argparse.Namespace) -> None:
+    """Refuse an `--output_dir` this run cannot use, before any training (as Transformers' examples do).
+
+    It must be a folder (or not exist yet) under a folder we can write; a non-empty one needs
+    `--overwrite_output_dir` unless the run resumes from a checkpoint (which lives there).
+    """
+    out = Path(args.output_dir).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise RecipeError(f"--output_dir {args.output_dir} is an existing file, not a folder; pass a folder path (it "
+                          "is created if missing)")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RecipeError(f"--output_dir {args.output_dir}: {existing} is a file, so no folder can be created "
+                          "under it; pass another --output_dir")
+    writable = [existing] if existing != out else [out]
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if entries and args.overwrite_output_dir:
+        writable.append(out.parent)  # the new outputs are swapped in next to it
+    for folder in writable:
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise RecipeError(f"--output_dir {args.output_dir}: cannot write in {folder} (permission denied); pass "
+                              "a folder you can write to")
+    _EARLIER_OUTPUTS.pop(out.resolve(), None)
+    if not entries:
+        return
+    if args.overwrite_output_dir:
+        _EARLIER_OUTPUTS[out.resolve()] = {name: _identity(out / name) for name in entries}
+    elif args.resume_from_checkpoint is None:
+        shown = ", ".join(entries[:6]) + (", ..." if len(entries) > 6 else "")
+        raise RecipeError(f"--output_dir {args.output_dir} already exists and is not empty (it holds {shown}); pass "
+                          "--overwrite_output_dir to replace those files with this run's outputs, or choose another "
+                          "--output_dir")
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    stat = path.lstat()
+    return stat.st_ino, stat.st_mtime_ns
+
+
+def _replace_earlier_outputs(output_dir: Path, final_files: Path) -> None:
+    """Make `output_dir` hold this run's files only: `final_files`' content plus what this run wrote there
+    (checkpoints, tracker logs), swapped in by renames so that the folder never mixes two runs' outputs."""
+    out = output_dir.absolute().resolve()
+    earlier = _EARLIER_OUTPUTS.pop(out, {})
+    new = atomic_dir(out.parent / f"{out.name}.new")
+    os.replace(final_files, new)
+    for item in out.iterdir():
+        if item.name not in earlier or _identity(item) != earlier[item.name]:
+            if not (new / item.name).exists():
+                os.replace(item, new / item.name)  # written by this run: keep it
+    commit_dir(new, out)
+
+
 # ------------------------------------------------------------------------------------------------- checkpoints
 def atomic_dir(final: Path) -> Path:
     """A fresh temporary folder next to `final`, to fill and then `commit_dir` into place."""
@@ -644,9 +709,11 @@ def default_loss(model: nn.Module, batch: dict) -> torch.Tensor:
 
 
 def make_accelerator(args: argparse.Namespace) -> Any:
+    """Accelerate's `Accelerator` for this run, after checking `--output_dir` (before any model is loaded)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    check_output_dir(args)
     kwargs: dict[str, Any] = {"gradient_accumulation_steps": args.gradient_accumulation_steps}
     if args.with_tracking:
         kwargs.update(log_with=args.report_to, project_dir=args.output_dir)
@@ -880,9 +947,14 @@ def save_outputs(args: argparse.Namespace, accelerator: Any, model: nn.Module, t
     # After the card and metrics.json: for an LRA adapter, lra_peft's save hook adds its own section (ranks, base,
     # the metrics of metrics.json) to the card; PEFT adds its metadata for other adapters.
     saved.save_pretrained(str(tmp), safe_serialization=True)
-    for item in sorted(tmp.iterdir(), key=lambda p: p.name == "README.md"):
-        os.replace(item, output_dir / item.name)  # the card last: it describes files already in place
-    tmp.rmdir()
+    if output_dir.absolute().resolve() in _EARLIER_OUTPUTS:
+        # --overwrite_output_dir: an earlier run's files (say an adapter, after this --method full run) must not
+        # survive next to this run's, where from_pretrained would pick them up.
+        _replace_earlier_outputs(output_dir, tmp)
+    else:
+        for item in sorted(tmp.iterdir(), key=lambda p: p.name == "README.md"):
+            os.replace(item, output_dir / item.name)  # the card last: it describes files already in place
+        tmp.rmdir()
     if args.push_to_hub:
         push_to_hub(args, output_dir)
     return metrics

@@ -415,6 +415,61 @@ def test_resumed_run_ends_with_the_same_adapter_as_an_uninterrupted_one(tiny_mod
     assert_clean_error(proc, "per_device_train_batch_size=4 (now 2)")
 
 
+# ------------------------------------------------------------------------------------------------- output folder
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_rerun_into_a_used_output_dir_is_refused_then_replaces_every_earlier_file(tiny_model, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    data = write_sst2(tmp_path / "sst2")
+    out = tmp_path / "out"
+    run_recipe("sentiment.py", *small(tiny_model, data, out, "--max_train_steps", "3", "--checkpointing_steps", "3"))
+    assert (out / "adapter_model.safetensors").is_file() and (out / "step_3").is_dir()
+    before = _files(out)
+
+    full = small(tiny_model, data, out, "--method", "full", "--max_train_steps", "2", "--checkpointing_steps", "1")
+    proc = run_recipe("sentiment.py", *full, check=False)
+    assert_clean_error(proc, str(out), "not empty", "--overwrite_output_dir")
+    assert "validation" not in proc.stdout, "refused only after training"
+    assert _files(out) == before
+
+    run_recipe("sentiment.py", *full, "--overwrite_output_dir")
+    names = {p.name for p in out.iterdir()}
+    # Nothing of the LRA run is left (its adapter would be attached by from_pretrained); this run's checkpoints are.
+    assert not names & {"adapter_model.safetensors", "adapter_config.json", "step_3"}, names
+    assert {"model.safetensors", "config.json", "metrics.json", "step_1", "step_2"} <= names
+    assert json.loads((out / "metrics.json").read_text())["method"] == "full"
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert not getattr(model, "_hf_peft_config_loaded", False)
+    saved = load_file(out / "model.safetensors")
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in saved.items() if k in state)
+    assert not list(tmp_path.glob(".*")) and not list(out.glob(".*")), "temporary folders left behind"
+
+
+def test_output_dir_that_is_a_file_or_unwritable_is_refused_before_training(tiny_model, tmp_path):
+    data = write_sst2(tmp_path / "sst2")
+    a_file = tmp_path / "taken"
+    a_file.write_text("not a folder")
+    for target in (a_file, a_file / "out"):
+        proc = run_recipe("sentiment.py", *small(tiny_model, data, target, "--max_train_steps", "2"), check=False)
+        assert_clean_error(proc, str(target), "--output_dir")
+        assert "validation" not in proc.stdout, "refused only after training"
+    assert a_file.read_text() == "not a folder"
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if not os.access(locked, os.W_OK):  # root can write anywhere
+            proc = run_recipe("sentiment.py", *small(tiny_model, data, locked / "out", "--max_train_steps", "2"),
+                              check=False)
+            assert_clean_error(proc, str(locked), "permission denied")
+    finally:
+        locked.chmod(0o700)
+
+
 # --------------------------------------------------------------------------------------------------- bad input
 def test_missing_data_folder_says_where_it_looked_and_how_to_fix_it(tiny_model, tmp_path):
     env = {**ENV, "LRA_DATA_DIR": str(tmp_path / "nowhere")}
