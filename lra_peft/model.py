@@ -28,6 +28,7 @@ from .allocation import RankAllocator, check_not_loading_cut_into_full_rank, cut
 from .config import LRAConfig
 from .layer import Conv2d, Embedding, Linear, LRALayer
 from .regularization import orthogonal_loss
+from .safety import AdapterContentError
 
 SUPPORTED_LAYERS = "torch.nn.Linear, transformers' Conv1D, torch.nn.Embedding, torch.nn.Conv2d and bitsandbytes Linear8bitLt/Linear4bit"
 
@@ -55,6 +56,10 @@ def _matrix_dims(module: nn.Module, layer_type: str) -> tuple[int, int]:
         return module.in_channels * kh * kw, module.out_channels
     in_features, out_features = _get_in_out_features(module)
     return in_features, out_features
+
+
+# A key of an LRA factor in a checkpoint, with or without the adapter name PEFT appends when it maps it to the model.
+_LRA_TENSOR = re.compile(r"\.lra_(U0|lambda0|V0|U|lambda|V)(\.[^.]+)?$")
 
 
 def _same_factors(layer: LRALayer, adapter_name: str, factors: dict[str, torch.Tensor]) -> bool:
@@ -314,16 +319,24 @@ class LRAModel(BaseTuner):
     ) -> None:
         """Raise a ValueError naming each layer whose checkpoint factors do not fit the model or are not finite."""
         pattern = re.compile(rf"^(.*)\.(lra_U0|lra_lambda0|lra_V0|lra_U|lra_lambda|lra_V)\.{re.escape(adapter_name)}$")
-        wrong_shape, not_finite = [], []
+        wrong_shape, not_finite, extra, wrong_type, seen = [], [], [], [], set()
         for key, tensor in state_dict.items():
             match = pattern.match(key)
-            if not match:
-                continue
-            name, factor = match.group(1), match.group(2)
-            layer = modules.get(name, modules.get(name.removeprefix("base_model.model.")))
-            if not isinstance(layer, LRALayer) or adapter_name not in getattr(layer, factor):
+            layer = None
+            if match:
+                name, factor = match.group(1), match.group(2)
+                layer = modules.get(name, modules.get(name.removeprefix("base_model.model.")))
+            if layer is None or not isinstance(layer, LRALayer) or adapter_name not in getattr(layer, factor):
+                if _LRA_TENSOR.search(key):
+                    # PEFT maps only keys the model has: a factor of a layer (or kind) the adapter lacks is left over.
+                    extra.append(key.removesuffix(f".{adapter_name}").removeprefix("base_model.model."))
                 continue
             short = name.removeprefix("base_model.model.")
+            seen.add((id(layer), factor))
+            if not tensor.is_floating_point():
+                # load_state_dict would cast an int or bool λ silently: not what was trained.
+                wrong_type.append(f"{short}.{factor} ({str(tensor.dtype).removeprefix('torch.')})")
+                continue
             expected, found = tuple(getattr(layer, factor)[adapter_name].shape), tuple(tensor.shape)
             # ΔW₀'s rank is the checkpoint's own (see below); only its out/in sizes must match.
             fits = found[:-1] == expected[:-1] if factor in ("lra_U0", "lra_V0") else found == expected
@@ -333,6 +346,22 @@ class LRAModel(BaseTuner):
                 wrong_shape.append(f"{short}.{factor}: {found} in the checkpoint, {expected} in the model")
             elif tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 not_finite.append(f"{short}.{factor}")
+        missing = []
+        for name, layer in modules.items():
+            if isinstance(layer, LRALayer) and adapter_name in layer.lra_U:
+                factors = ("lra_U", "lra_lambda", "lra_V") + (
+                    ("lra_U0", "lra_lambda0", "lra_V0") if adapter_name in layer.lra_U0 else ())
+                missing += [f"{name.removeprefix('base_model.model.')}.{f}" for f in factors
+                            if (id(layer), f) not in seen]
+        if missing or extra or wrong_type:
+            problems = [f"{label}: {', '.join(keys[:4])}{f' (and {len(keys) - 4} more)' if len(keys) > 4 else ''}"
+                        for label, keys in (("missing", missing), ("not in this adapter's layers", extra),
+                                            ("not floating point", wrong_type)) if keys]
+            raise AdapterContentError(
+                f"The LRA adapter {adapter_name!r} does not hold the tensors its adapter_config.json describes "
+                f"({'; '.join(problems)}). The file is damaged or was edited, or the config belongs to another "
+                "adapter; save or download the adapter again. Nothing was loaded."
+            )
         if wrong_shape:
             more = f" (and {len(wrong_shape) - 5} more)" if len(wrong_shape) > 5 else ""
             raise ValueError(
