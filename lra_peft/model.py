@@ -292,7 +292,34 @@ class LRAModel(BaseTuner):
     def _lra_layers(self) -> list[LRALayer]:
         return [m for m in self.model.modules() if isinstance(m, LRALayer)]
 
+    def _check_no_tied_merge(self, adapter_names: Optional[list[str]]) -> None:
+        """Raise a ValueError, changing nothing, if merging would write into a weight another module shares.
+
+        GPT-2's lm_head shares wte's weight: merging an adapter of wte would silently move the logits too.
+        """
+        layers = [(name, m) for name, m in self.model.named_modules() if isinstance(m, LRALayer)]
+        wrapped = {id(m.get_base_layer()) for _, m in layers}
+        owners: dict[int, list[str]] = {}
+        for name, module in self.model.named_modules():
+            weight = module._parameters.get("weight")  # own parameters only: tuner layers forward `.weight`
+            if weight is not None and id(module) not in wrapped:
+                owners.setdefault(id(weight), []).append(name)
+        for name, layer in layers:
+            sharing = owners.get(id(layer.get_base_layer().weight))
+            if not sharing:
+                continue
+            names = adapter_names if adapter_names is not None else layer.active_adapters
+            merging = [a for a in names if a in layer.lra_U and a not in layer.merged_adapters]
+            if any(layer.get_delta_weight(a).any() for a in merging):
+                raise ValueError(
+                    f"Merging adapter(s) {merging} into {name} would also change {', '.join(sharing)}, which shares "
+                    "(ties) its weight. Nothing was merged. Untie them first (load the model with "
+                    "tie_word_embeddings=False and copy the weight into the output layer), or use "
+                    "lra_peft.export_merged, which unties adapted weights before merging."
+                )
+
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        self._check_no_tied_merge(adapter_names)
         if safe_merge:
             # Check every layer before touching any, so that a broken adapter leaves the whole model unchanged.
             for layer in self._lra_layers():
@@ -306,6 +333,8 @@ class LRAModel(BaseTuner):
         safe_merge: bool = False,
         adapter_names: Optional[list[str]] = None,
     ) -> nn.Module:
+        if merge:
+            self._check_no_tied_merge(adapter_names)
         if merge and safe_merge:
             for layer in self._lra_layers():
                 layer.check_merge(adapter_names, unload=True)
