@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_bert_config
+from conftest import VOCAB, require, tiny_bert_config
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from torch import nn
 from transformers import (
@@ -27,7 +27,7 @@ from transformers import (
 from lra_peft import LRAConfig, LRALayer, quantized_load, restore_quantized_residual
 from lra_peft.quantization import quantization_backend_for, refine_quantized_init
 
-bnb = pytest.importorskip("bitsandbytes")
+bnb = require("bitsandbytes")
 
 QUANT = {
     "int8": dict(load_in_8bit=True),
