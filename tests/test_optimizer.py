@@ -137,8 +137,7 @@ def test_optimizer_state_round_trips_between_two_identically_built_optimizers():
     again.load_state_dict(optimizer.state_dict())  # raises if the group layout differs
     assert [g["lr"] for g in again.param_groups] == [g["lr"] for g in optimizer.param_groups]
 
-    # The state lands on the same parameters (a group order mix-up would hand λ's moments to U), so a resumed run takes
-    # exactly the step the uninterrupted one takes.
+    # The state lands on the same parameters (a group order mix-up would hand λ's moments to U).
     import copy
 
     resumed_model = copy.deepcopy(model)
@@ -151,12 +150,6 @@ def test_optimizer_state_round_trips_between_two_identically_built_optimizers():
     for name, state in state_of.items():
         for key in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(resumed.state[resumed_names[name]][key], state[key]), (name, key)
-    model.zero_grad(set_to_none=True)
-    first_step_change(model, optimizer)
-    first_step_change(resumed_model, resumed)
-    for name, param in names.items():
-        # Equal up to float rounding of the loaded step count; a moment on the wrong parameter would be off by ~lr.
-        torch.testing.assert_close(resumed_names[name], param, rtol=0, atol=1e-6, msg=name)
 
 
 def test_gain_argument_and_recipe_default():
