@@ -789,7 +789,13 @@ def train(args: argparse.Namespace, accelerator: Any, model: nn.Module, train_fe
     if args.resume_from_checkpoint is not None:
         checkpoint = find_checkpoint(args.resume_from_checkpoint, output_dir)
         accelerator.print(f"Resuming from {checkpoint}")
-        progress = json.loads((checkpoint / PROGRESS_FILE).read_text())
+        try:
+            progress = json.loads((checkpoint / PROGRESS_FILE).read_text())
+            if not isinstance(progress, dict):
+                raise ValueError(f"a JSON {type(progress).__name__}, not an object")
+        except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+            raise RecipeError(f"--resume_from_checkpoint: {checkpoint / PROGRESS_FILE} is damaged ({exc}); resume from "
+                              "another checkpoint folder, or start again with a new --output_dir") from None
         changed = {k: (v, progress["run"][k]) for k, v in _resume_key(args, accelerator).items()
                    if progress.get("run", {}).get(k, v) != v}
         if changed:
@@ -1065,6 +1071,18 @@ def predict(accelerator: Any, model: nn.Module, loader: DataLoader) -> dict[int,
 Example = tuple[str, str]  # (text, label)
 
 
+def read_text(path: Path) -> str:
+    """A data file's text: UTF-8, with a leading byte-order mark dropped (Excel writes one before the header);
+    other bytes are a `RecipeError` naming the file and line."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise RecipeError(f"{path}:{line}: byte {data[exc.start:exc.start + 1]!r} is not UTF-8 ({exc.reason}); save the "
+                          "file as UTF-8") from None
+
+
 def read_table(path: Path, text_column: str, label_column: str, delimiter: str = ",") -> list[Example]:
     """(text, label) rows of a CSV/TSV file with a header; bad rows raise a `RecipeError` naming file and line.
 
@@ -1072,10 +1090,11 @@ def read_table(path: Path, text_column: str, label_column: str, delimiter: str =
     sentences contain quote characters that are part of the text).
     """
     import csv
+    import io
 
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     rows: list[Example] = []
-    with open(path, encoding="utf-8", newline="") as f:
+    with io.StringIO(read_text(path), newline="") as f:
         reader = csv.DictReader(f, delimiter=delimiter, quoting=quoting)
         header = reader.fieldnames or []
         missing = [c for c in (text_column, label_column) if c not in header]

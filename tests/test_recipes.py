@@ -522,6 +522,30 @@ def test_malformed_lines_are_reported_with_file_and_line(tiny_model, tmp_path):
     assert_clean_error(proc, f"{ml / 'ratings.csv'}:")
 
 
+def test_non_utf8_bytes_are_reported_with_file_and_line_and_a_bom_is_read(tiny_model, tmp_path):
+    sst2 = write_sst2(tmp_path / "sst2")
+    lines = (sst2 / "train.tsv").read_bytes().split(b"\n")
+    lines[2] = lines[2].replace(b"a", b"\xe9", 1)  # Latin-1 "é"
+    (sst2 / "train.tsv").write_bytes(b"\n".join(lines))
+    proc = run_recipe("sentiment.py", *small(tiny_model, sst2, tmp_path / "o"), check=False)
+    assert_clean_error(proc, f"{sst2 / 'train.tsv'}:3:", "not UTF-8")
+
+    banking = write_banking(tmp_path / "banking")
+    for name in ("train.csv", "test.csv"):  # as Excel saves "CSV UTF-8"
+        (banking / name).write_bytes(b"\xef\xbb\xbf" + (banking / name).read_bytes())
+    run_recipe("intent.py", *small(tiny_model, banking, tmp_path / "bom", "--max_train_steps", "1"))
+    assert (tmp_path / "bom" / "metrics.json").is_file()
+
+
+def test_damaged_progress_file_is_named_when_resuming(tiny_model, tmp_path):
+    out = tmp_path / "o"
+    (out / "step_2").mkdir(parents=True)
+    (out / "step_2" / "progress.json").write_text('{"completed_steps": 2,')
+    proc = run_recipe("sentiment.py", *small(tiny_model, write_sst2(tmp_path / "sst2"), out, "--max_train_steps",
+                                             "3", "--resume_from_checkpoint", "latest"), check=False)
+    assert_clean_error(proc, str(out / "step_2" / "progress.json"), "damaged")
+
+
 def test_eval_label_never_seen_in_training_is_an_error(tiny_model, tmp_path):
     banking = write_banking(tmp_path / "banking")
     with open(banking / "test.csv", "a", newline="") as f:
