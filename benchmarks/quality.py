@@ -94,7 +94,7 @@ def recipe_args(method: str, seed: int, budget: Budget, output_dir: Path, extra:
 
 
 # Paths that the recipe resolves after parsing, or that name where the run went: not defaults that change results.
-NOT_COMPARED = {"output_dir", "model_name_or_path", "data_dir"}
+NOT_COMPARED = {"output_dir", "model_name_or_path", "data_dir", "overwrite_output_dir"}
 # Recipe flags that only --method lra reads (recipes/_common.py): a new default for them leaves other methods' runs valid.
 LRA_ONLY = {"init_weights", "uv_lr_scale", "uv_gain", "calibration_samples"}
 
@@ -151,10 +151,13 @@ def run_one(recipe: Path, args: list[str], output_dir: Path, launcher: str, fres
         print(f"{output_dir.name}: rerun, the recipe's defaults changed since it ran ({', '.join(changed)})", flush=True)
     if existing_only:
         return None
+    # A rerun replaces the earlier run's files in output_dir, which the recipe only does when told to. The flag is not
+    # part of `args`, the run's identity in benchmark_args.json (earlier runs stay reusable).
+    run_args = [*args, "--overwrite_output_dir"]
     if launcher == "accelerate":
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", str(recipe), *args]
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", str(recipe), *run_args]
     else:
-        cmd = [sys.executable, str(recipe), *args]
+        cmd = [sys.executable, str(recipe), *run_args]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false")
     log_dir.mkdir(parents=True, exist_ok=True)

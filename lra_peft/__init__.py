@@ -15,6 +15,7 @@ from .hub import install_peft_model_hooks as _install_peft_model_hooks
 from .hub import push_to_hub
 from .layer import Conv2d, Embedding, Linear, LRALayer
 from .model import LRAModel
+from .model import install_base_state_dict_hooks as _install_base_state_dict_hooks
 from .optimizer import create_lra_optimizer, lra_param_groups
 from .quantization import quantized_load, restore_quantized_residual
 from .regularization import orthogonal_loss
@@ -26,6 +27,7 @@ _register()
 _install_peft_model_hooks()
 _install_safety_hooks()
 _install_lora_conversion_hook()
+_install_base_state_dict_hooks()
 
 __version__ = "0.1.0"
 

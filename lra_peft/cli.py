@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import warnings
@@ -27,9 +28,17 @@ def _inspect(args: argparse.Namespace) -> int:
     snapshot = snapshot_from_dir(args.adapter_dir)
     report = rank_report(args.adapter_dir, tol=args.tol)
     config = snapshot.config
+    broken = snapshot.non_finite()
+    if broken:
+        # A NaN λ would otherwise count as pruned and NaN would pass for a statistic.
+        warnings.warn(f"{snapshot.weights_file} holds NaN or Inf values in {', '.join(broken[:5])}"
+                      f"{f' (and {len(broken) - 5} more)' if len(broken) > 5 else ''}: the adapter is broken (often "
+                      "saved from a diverged training run) and loading it fails; the |λ| statistics below leave "
+                      "those values out", stacklevel=1)
     factor_params = sum(layer.num_trainable() for layer in snapshot.layers.values())
     extra_params = snapshot.num_trainable() - factor_params
-    magnitudes = [v for layer in report.layers.values() for v in layer.lambda_abs]
+    all_magnitudes = [v for layer in report.layers.values() for v in layer.lambda_abs]
+    magnitudes = [v for v in all_magnitudes if math.isfinite(v)]
     nonzero = [v for v in magnitudes if v > args.tol]
     modules = sorted({name.rsplit(".", 1)[-1] for name in snapshot.layers})
     ranks = list(report.ranks.values())
@@ -54,7 +63,9 @@ def _inspect(args: argparse.Namespace) -> int:
             "median": statistics.median(magnitudes) if magnitudes else None,
             "max": max(magnitudes) if magnitudes else None,
             "zeros": len(magnitudes) - len(nonzero),
+            "non_finite": len(all_magnitudes) - len(magnitudes),
         },
+        "non_finite_factors": broken,
         "ranks": report.to_dict(),
     }
     if args.plot:
@@ -67,8 +78,9 @@ def _inspect(args: argparse.Namespace) -> int:
     lam_line = (
         f"min≠0 {lam['min_nonzero']:.3g}, median {lam['median']:.3g}, max {lam['max']:.3g}, {lam['zeros']} zero"
         if nonzero
-        else f"all {lam['zeros']} zero (ΔW = 0: an untrained adapter)"
-    )
+        else f"all {lam['zeros']} zero (ΔW = 0: an untrained adapter)" if not broken
+        else f"{lam['zeros']} zero"
+    ) + (f", {lam['non_finite']} NaN/Inf (broken)" if lam["non_finite"] else "")
     rows = [
         ("adapter", str(args.adapter_dir)),
         ("method", f"LRA  r={config.r}  lra_alpha={config.lra_alpha}  init_weights={config.init_weights!r}"
@@ -116,15 +128,19 @@ def _merge(args: argparse.Namespace) -> int:
 
 def _compress(args: argparse.Namespace) -> int:
     from ._io import human_size
-    from .export import compress
+    from .export import compress, full_rank
     from .snapshot import SAFETENSORS_NAME, snapshot_from_dir
 
-    before = snapshot_from_dir(args.adapter_dir).file_size()
+    snapshot = snapshot_from_dir(args.adapter_dir)
+    before = snapshot.file_size()
     report = compress(args.adapter_dir, args.out_dir, args.r)
     after = (report.out_dir / SAFETENSORS_NAME).stat().st_size
     print(report)
     print(f"\nwrote rank-{args.r} LRA adapter to {report.out_dir} ({human_size(before)} -> {human_size(after)}); "
           f"relative error of ΔW over all layers: {report.total_error:.3e}")
+    if args.r == full_rank(snapshot):
+        print(f"note: {args.r} is this adapter's full rank, so nothing was dropped: the output is the same adapter "
+              f"in residual-free form, not a smaller one. Pass --r below {args.r} to shrink it.")
     return 0
 
 
@@ -142,6 +158,16 @@ def _push(args: argparse.Namespace) -> int:
     url = getattr(info, "pr_url", None) or getattr(info, "commit_url", None) or args.repo_id
     print(f"pushed {args.adapter_dir} to {url}")
     return 0
+
+
+def _tolerance(value: str) -> float:
+    try:
+        tol = float(value)
+    except ValueError:
+        tol = math.nan
+    if not 0 <= tol < math.inf:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a threshold: use a finite number >= 0, e.g. 1e-6")
+    return tol
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter_dir", help="Folder with adapter_config.json and adapter_model.safetensors.")
     p.add_argument("--plot", metavar="PNG", help="Also draw rank per layer × module and the sorted |λ| of each layer.")
     p.add_argument("--json", action="store_true", help="Print the summary as JSON.")
-    p.add_argument("--tol", type=float, default=0.0, help="|λ| at or below this counts as pruned (default 0).")
+    p.add_argument("--tol", type=_tolerance, default=0.0, help="|λ| at or below this counts as pruned (default 0).")
     p.set_defaults(func=_inspect)
 
     p = commands.add_parser(

@@ -66,6 +66,7 @@ def export_lora(
     """
     snapshot = load_snapshot(model_or_adapter_dir, adapter_name)
     _check_distinct(snapshot, out_dir)
+    snapshot.check_finite()  # stock PEFT would load NaN factors silently
     if not snapshot.resolve_kinds(base):
         base_id = base or snapshot.base_model_name_or_path
         where = (
@@ -196,6 +197,7 @@ def export_merged(
         if base is not None:
             raise ValueError("base= is only used with an adapter folder: a PeftModel already holds its base model")
         snapshot = load_snapshot(model_or_adapter_dir, adapter_name)
+        snapshot.check_finite()  # also with safe_merge=False: a NaN weight is never what was meant
         _check_not_quantized(model_or_adapter_dir)
         peft_model = copy.deepcopy(model_or_adapter_dir)
         _untie_adapted_weights(peft_model)
@@ -204,6 +206,7 @@ def export_merged(
     else:
         snapshot = load_snapshot(model_or_adapter_dir)
         _check_distinct(snapshot, out_dir)
+        snapshot.check_finite()  # before the base model is loaded
         base_model, base_id = load_base_model(snapshot, base)
         _check_not_quantized(base_model)
         with warnings.catch_warnings():
@@ -389,7 +392,17 @@ def compress(
         raise ValueError(f"r={r!r} is invalid: use a positive integer rank")
     snapshot = load_snapshot(model_or_adapter_dir, adapter_name)
     _check_distinct(snapshot, out_dir)
+    snapshot.check_finite()  # an SVD of NaN fails deep in LAPACK, naming neither file nor layer
     old = snapshot.config
+    largest = full_rank(snapshot)
+    if r > largest:
+        # ΔW of every layer has rank <= `largest`: a rank-r adapter would be larger (zero-padded) and no closer.
+        raise ValueError(
+            f"r={r} does not compress this adapter: every layer's ΔW has rank at most {largest} (the adapter's r"
+            f"{' plus the rank of ΔW₀' if any(layer.has_init for layer in snapshot.layers.values()) else ''}), so a "
+            f"rank-{r} adapter would be larger and exactly as accurate. Pass a rank below {largest} to shrink it "
+            f"(r={largest} re-factors it losslessly), or copy the folder to keep it as it is."
+        )
     scale = old.lra_alpha / old.r
     capped = {name: min(r, layer.out_features, layer.in_features) for name, layer in snapshot.layers.items()}
     pattern = {_pattern_key(name, capped): k for name, k in capped.items() if k != r}
@@ -444,6 +457,12 @@ def compress(
         save_tokenizer(snapshot.source_dir, tmp)
     report.out_dir = Path(out_dir)
     return report
+
+
+def full_rank(snapshot: AdapterSnapshot) -> int:
+    """The largest rank a layer's residual-free ΔW can have: r, plus ΔW₀'s rank for SVD-initialised adapters.
+    `compress` to this rank is lossless; to a lower one it drops directions."""
+    return max(layer.r + (layer.lam0.numel() if layer.has_init else 0) for layer in snapshot.layers.values())
 
 
 def _delta_svd(layer: LayerFactors) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

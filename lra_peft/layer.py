@@ -33,6 +33,8 @@ from .quantization import (
     is_bnb_backend,
     quantization_backend_for,
     refine_quantized_init,
+    restore_quantized_storage,
+    save_quantized_storage,
 )
 
 
@@ -187,6 +189,7 @@ class LRALayer(BaseTunerLayer):
         original = self._from_matrix(self._original_weight_matrix())
         delta = self._from_matrix(self._init_delta_matrix(adapter_name))
         self.set_base_weight((original.float() - delta.float()).to(weight.dtype))
+        self.__dict__.pop("_lra_unmerged_storage", None)  # a base saved before this change must not come back
         self.residual_owner = adapter_name
 
     def release_residual(self) -> None:
@@ -196,6 +199,7 @@ class LRALayer(BaseTunerLayer):
         weight = self.get_base_weight()
         delta = self._from_matrix(self._init_delta_matrix(self.residual_owner))
         self.set_base_weight((weight.float() + delta.float()).to(weight.dtype))
+        self.__dict__.pop("_lra_unmerged_storage", None)  # a base saved before this change must not come back
         self.residual_owner = None
 
     # --------------------------------------------------------------------------------------------- delta weights
@@ -264,6 +268,9 @@ class LRALayer(BaseTunerLayer):
             return
         if safe_merge:
             self.check_merge(adapter_names)
+        if is_bnb_backend(self.quantization_backend) and not self.merged_adapters:
+            # Unmerging restores this storage instead of requantizing a second time (see save_quantized_storage).
+            self.__dict__["_lra_unmerged_storage"] = save_quantized_storage(self.get_base_layer())
         for adapter in adapter_names:
             if adapter not in self.lra_U:
                 continue
@@ -274,6 +281,12 @@ class LRALayer(BaseTunerLayer):
     def unmerge(self) -> None:
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        storage = self.__dict__.pop("_lra_unmerged_storage", None)
+        if storage is not None:
+            # Bit-exact: the quantized weight as it was before the first merge, whatever the adapters hold now.
+            restore_quantized_storage(self.get_base_layer(), storage)
+            self.merged_adapters.clear()
             return
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()

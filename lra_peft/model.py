@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import re
 import warnings
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from .calibration import calibration_stats, release_calibration
 from .config import LRAConfig
 from .layer import Conv2d, Embedding, Linear, LRALayer
 from .regularization import orthogonal_loss
+from .safety import AdapterContentError
 
 SUPPORTED_LAYERS = "torch.nn.Linear, transformers' Conv1D, torch.nn.Embedding, torch.nn.Conv2d and bitsandbytes Linear8bitLt/Linear4bit"
 
@@ -56,6 +58,10 @@ def _matrix_dims(module: nn.Module, layer_type: str) -> tuple[int, int]:
         return module.in_channels * kh * kw, module.out_channels
     in_features, out_features = _get_in_out_features(module)
     return in_features, out_features
+
+
+# A key of an LRA factor in a checkpoint, with or without the adapter name PEFT appends when it maps it to the model.
+_LRA_TENSOR = re.compile(r"\.lra_(U0|lambda0|V0|U|lambda|V)(\.[^.]+)?$")
 
 
 def _same_factors(layer: LRALayer, adapter_name: str, factors: dict[str, torch.Tensor]) -> bool:
@@ -296,7 +302,34 @@ class LRAModel(BaseTuner):
     def _lra_layers(self) -> list[LRALayer]:
         return [m for m in self.model.modules() if isinstance(m, LRALayer)]
 
+    def _check_no_tied_merge(self, adapter_names: Optional[list[str]]) -> None:
+        """Raise a ValueError, changing nothing, if merging would write into a weight another module shares.
+
+        GPT-2's lm_head shares wte's weight: merging an adapter of wte would silently move the logits too.
+        """
+        layers = [(name, m) for name, m in self.model.named_modules() if isinstance(m, LRALayer)]
+        wrapped = {id(m.get_base_layer()) for _, m in layers}
+        owners: dict[int, list[str]] = {}
+        for name, module in self.model.named_modules():
+            weight = module._parameters.get("weight")  # own parameters only: tuner layers forward `.weight`
+            if weight is not None and id(module) not in wrapped:
+                owners.setdefault(id(weight), []).append(name)
+        for name, layer in layers:
+            sharing = owners.get(id(layer.get_base_layer().weight))
+            if not sharing:
+                continue
+            names = adapter_names if adapter_names is not None else layer.active_adapters
+            merging = [a for a in names if a in layer.lra_U and a not in layer.merged_adapters]
+            if any(layer.get_delta_weight(a).any() for a in merging):
+                raise ValueError(
+                    f"Merging adapter(s) {merging} into {name} would also change {', '.join(sharing)}, which shares "
+                    "(ties) its weight. Nothing was merged. Untie them first (load the model with "
+                    "tie_word_embeddings=False and copy the weight into the output layer), or use "
+                    "lra_peft.export_merged, which unties adapted weights before merging."
+                )
+
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        self._check_no_tied_merge(adapter_names)
         if safe_merge:
             # Check every layer before touching any, so that a broken adapter leaves the whole model unchanged.
             for layer in self._lra_layers():
@@ -310,6 +343,8 @@ class LRAModel(BaseTuner):
         safe_merge: bool = False,
         adapter_names: Optional[list[str]] = None,
     ) -> nn.Module:
+        if merge:
+            self._check_no_tied_merge(adapter_names)
         if merge and safe_merge:
             for layer in self._lra_layers():
                 layer.check_merge(adapter_names, unload=True)
@@ -323,16 +358,24 @@ class LRAModel(BaseTuner):
     ) -> None:
         """Raise a ValueError naming each layer whose checkpoint factors do not fit the model or are not finite."""
         pattern = re.compile(rf"^(.*)\.(lra_U0|lra_lambda0|lra_V0|lra_U|lra_lambda|lra_V)\.{re.escape(adapter_name)}$")
-        wrong_shape, not_finite = [], []
+        wrong_shape, not_finite, extra, wrong_type, seen = [], [], [], [], set()
         for key, tensor in state_dict.items():
             match = pattern.match(key)
-            if not match:
-                continue
-            name, factor = match.group(1), match.group(2)
-            layer = modules.get(name, modules.get(name.removeprefix("base_model.model.")))
-            if not isinstance(layer, LRALayer) or adapter_name not in getattr(layer, factor):
+            layer = None
+            if match:
+                name, factor = match.group(1), match.group(2)
+                layer = modules.get(name, modules.get(name.removeprefix("base_model.model.")))
+            if layer is None or not isinstance(layer, LRALayer) or adapter_name not in getattr(layer, factor):
+                if _LRA_TENSOR.search(key):
+                    # PEFT maps only keys the model has: a factor of a layer (or kind) the adapter lacks is left over.
+                    extra.append(key.removesuffix(f".{adapter_name}").removeprefix("base_model.model."))
                 continue
             short = name.removeprefix("base_model.model.")
+            seen.add((id(layer), factor))
+            if not tensor.is_floating_point():
+                # load_state_dict would cast an int or bool λ silently: not what was trained.
+                wrong_type.append(f"{short}.{factor} ({str(tensor.dtype).removeprefix('torch.')})")
+                continue
             expected, found = tuple(getattr(layer, factor)[adapter_name].shape), tuple(tensor.shape)
             # ΔW₀'s rank is the checkpoint's own (see below); only its out/in sizes must match.
             fits = found[:-1] == expected[:-1] if factor in ("lra_U0", "lra_V0") else found == expected
@@ -342,6 +385,22 @@ class LRAModel(BaseTuner):
                 wrong_shape.append(f"{short}.{factor}: {found} in the checkpoint, {expected} in the model")
             elif tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 not_finite.append(f"{short}.{factor}")
+        missing = []
+        for name, layer in modules.items():
+            if isinstance(layer, LRALayer) and adapter_name in layer.lra_U:
+                factors = ("lra_U", "lra_lambda", "lra_V") + (
+                    ("lra_U0", "lra_lambda0", "lra_V0") if adapter_name in layer.lra_U0 else ())
+                missing += [f"{name.removeprefix('base_model.model.')}.{f}" for f in factors
+                            if (id(layer), f) not in seen]
+        if missing or extra or wrong_type:
+            problems = [f"{label}: {', '.join(keys[:4])}{f' (and {len(keys) - 4} more)' if len(keys) > 4 else ''}"
+                        for label, keys in (("missing", missing), ("not in this adapter's layers", extra),
+                                            ("not floating point", wrong_type)) if keys]
+            raise AdapterContentError(
+                f"The LRA adapter {adapter_name!r} does not hold the tensors its adapter_config.json describes "
+                f"({'; '.join(problems)}). The file is damaged or was edited, or the config belongs to another "
+                "adapter; save or download the adapter again. Nothing was loaded."
+            )
         if wrong_shape:
             more = f" (and {len(wrong_shape) - 5} more)" if len(wrong_shape) > 5 else ""
             raise ValueError(
@@ -468,3 +527,65 @@ class LRAModel(BaseTuner):
         # Allocation zeroed the pruned λ: save only the triplets left, with their ranks in rank_pattern.
         return cut_adapter_state_dict(tuner._rank_allocators().get(adapter_name), layers, config, adapter_name,
                                       to_return)
+
+
+# ------------------------------------------------------------------------------------- base model state dict
+def _init_deltas(model: nn.Module) -> dict[str, tuple[LRALayer, torch.Tensor]]:
+    """Original (pre-PEFT) weight key -> (layer, ΔW₀ in the weight's native layout) for every layer whose base holds
+    the residual W − ΔW₀ of a principal/minor adapter that is not merged. Quantized bases are left out: their
+    residual Q(W − ΔW₀) has no exact full-precision original to hand back."""
+    from peft.utils.save_and_load import _peft_key_to_original_key
+
+    inner = getattr(getattr(model, "base_model", None), "model", None)
+    if not isinstance(getattr(model, "base_model", None), LRAModel) or inner is None:
+        return {}
+    names = {id(m): name for name, m in inner.named_modules()}
+    deltas = {}
+    for module in inner.modules():
+        if not isinstance(module, LRALayer) or module.quantization_backend is not None:
+            continue
+        owner = module.residual_owner
+        if owner is None or owner in module.merged_adapters:
+            continue  # a merged owner's weight is W + its learned ΔW, as a merged LoRA model's
+        key = _peft_key_to_original_key(model, f"{names[id(module.get_base_layer())]}.weight")
+        deltas[key] = (module, module._from_matrix(module._init_delta_matrix(owner)).detach())
+    return deltas
+
+
+def install_base_state_dict_hooks() -> None:
+    """Make `peft.get_base_model_state_dict` return, and `peft.set_base_model_state_dict` accept, the original
+    pretrained weights W of layers whose base holds a principal/minor adapter's residual W − ΔW₀ (an internal detail
+    of LRA); the two round-trip. Other layers and PEFT methods are unchanged. Idempotent."""
+    import peft
+    import peft.utils
+    import peft.utils.save_and_load as save_and_load
+
+    if getattr(save_and_load.get_base_model_state_dict, "_lra_peft", False):
+        return
+    original_get = save_and_load.get_base_model_state_dict
+    original_set = save_and_load.set_base_model_state_dict
+
+    def get_base_model_state_dict(model: Any) -> dict[str, torch.Tensor]:
+        state = original_get(model)
+        for key, (_, delta) in _init_deltas(model).items():
+            if key in state:
+                value = state[key]
+                state[key] = (value.float() + delta.to(value.device).float()).to(value.dtype)
+        return state
+
+    def set_base_model_state_dict(model: Any, state_dict: dict[str, torch.Tensor], strict: bool = True) -> Any:
+        deltas = _init_deltas(model)
+        if deltas:
+            state_dict = dict(state_dict)
+            for key, (_, delta) in deltas.items():
+                if key in state_dict:
+                    value = state_dict[key]
+                    state_dict[key] = (value.float() - delta.to(value.device).float()).to(value.dtype)
+        return original_set(model, state_dict, strict=strict)
+
+    for patched, original in ((get_base_model_state_dict, original_get), (set_base_model_state_dict, original_set)):
+        functools.update_wrapper(patched, original)
+        patched._lra_peft = True
+        for namespace in (save_and_load, peft.utils, peft):
+            if getattr(namespace, patched.__name__, None) is original:
+                setattr(namespace, patched.__name__, patched)

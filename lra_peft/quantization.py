@@ -123,6 +123,50 @@ def is_bnb_backend(backend: Optional[QuantizationBackend]) -> bool:
     return isinstance(backend, (LRABnb8bitBackend, LRABnb4bitBackend))
 
 
+# ------------------------------------------------------------------------------- exact merge / unmerge storage
+@dataclass
+class QuantizedStorage:
+    """A bitsandbytes layer's quantized weight as it was before a merge: the Parameter object (Int8Params or
+    Params4bit) with its attributes, and the int8 row scales (8-bit) or the quant state (4-bit)."""
+
+    weight: Any
+    attributes: dict
+    CB: Optional[torch.Tensor] = None
+    SCB: Optional[torch.Tensor] = None
+
+
+def save_quantized_storage(base_layer: nn.Module) -> QuantizedStorage:
+    """Keep `base_layer`'s current quantized weight, so that `restore_quantized_storage` can put it back bit-exactly.
+
+    Merging requantizes Q(dequant(W_q) + ΔW), and unmerging would requantize again: each cycle adds quantization
+    error (an nf4 layer drifts by tens of % over three cycles). PEFT's backends replace the Parameter rather than
+    write into it, so keeping the old one costs only a reference (plus the 8-bit scales, which a forward moves).
+    """
+    weight = base_layer.weight
+    storage = QuantizedStorage(weight=weight, attributes=dict(weight.__dict__))
+    if type(weight).__name__ == "Int8Params":
+        # A forward moves CB/SCB from the weight into the layer's matmul state (`init_8bit_state`).
+        state = getattr(base_layer, "state", None)
+        storage.CB = weight.CB if weight.CB is not None else getattr(state, "CB", None)
+        storage.SCB = weight.SCB if weight.SCB is not None else getattr(state, "SCB", None)
+        storage.CB = weight.data if storage.CB is None else storage.CB
+    return storage
+
+
+def restore_quantized_storage(base_layer: nn.Module, storage: QuantizedStorage) -> None:
+    """Put back the quantized weight saved by `save_quantized_storage` (the exact bytes and scales it had)."""
+    weight = storage.weight
+    weight.__dict__.update(storage.attributes)  # PEFT's 4-bit backend flips `bnb_quantized` on the old object
+    if storage.SCB is not None:
+        weight.data, weight.CB, weight.SCB = storage.CB, storage.CB, storage.SCB
+        base_layer.weight = weight
+        base_layer.state.reset_grads()  # the next forward takes CB/SCB from the weight again
+        return
+    base_layer.weight = weight
+    if getattr(weight, "quant_state", None) is not None and hasattr(base_layer, "quant_state"):
+        base_layer.quant_state = weight.quant_state
+
+
 # ------------------------------------------------------------------------------------ SVD-init refinement
 def refine_quantized_init(
     weight: torch.Tensor,

@@ -115,7 +115,7 @@ def rank_report(model_or_adapter_dir: ModelOrDir, adapter_name: str = "default",
         >>> report.ranks["encoder.layer.0.attention.self.query"]
         5
     """
-    if tol < 0:
+    if not tol >= 0:  # also NaN, which every comparison would turn into "all pruned"
         raise ValueError(f"tol={tol} is invalid: use a threshold >= 0")
     if isinstance(model_or_adapter_dir, (str, os.PathLike)):
         snapshot = load_snapshot(model_or_adapter_dir)

@@ -62,6 +62,13 @@ class AdapterFileError(ValueError):
     """An adapter file that cannot be used: malformed, truncated, corrupted, or a pickle file not opted into."""
 
 
+class AdapterContentError(AdapterFileError):
+    """An adapter file whose tensors are not those its config describes (missing, extra or of the wrong type).
+
+    Raised while loading, where the file is not known; the loading entry points add the file's path.
+    """
+
+
 class AdapterFileNotFoundError(AdapterFileError, FileNotFoundError):
     """A file an adapter folder needs is missing. Also a `ValueError`, which is what PEFT raises for this."""
 
@@ -270,8 +277,12 @@ def _lra_load_context(is_lra: bool) -> Iterator[None]:
         _GUARDED.reset(guarded)
 
 
-def _explain_read_error(exc: BaseException, model_id: Any) -> Optional[AdapterFileError]:
-    """A safetensors read error deep inside PEFT (e.g. a corrupt file from the Hub), as an AdapterFileError."""
+def _explain_read_error(exc: BaseException, model_id: Any, folder: Optional[Path] = None) -> Optional[AdapterFileError]:
+    """A safetensors read error deep inside PEFT (e.g. a corrupt file from the Hub), as an AdapterFileError; an
+    `AdapterContentError` with the file it is about."""
+    if isinstance(exc, AdapterContentError):
+        weights = find_weights_file(folder) if folder is not None else None
+        return AdapterContentError(f"{weights or f'the adapter weights of {model_id}'}: {exc}")
     if type(exc).__name__ == "SafetensorError":
         return AdapterFileError(
             f"the adapter weights of {model_id} cannot be read as safetensors ({exc}): the file is truncated or "
@@ -401,7 +412,7 @@ def install_safety_hooks() -> None:
                 with restore_on_error(model):
                     return original_from_pretrained(cls, model, model_id, *args, **kwargs)
             except Exception as exc:
-                clear = _explain_read_error(exc, model_id)
+                clear = _explain_read_error(exc, model_id, folder)
                 if clear is None:
                     raise
                 raise clear from exc
@@ -425,7 +436,7 @@ def install_safety_hooks() -> None:
                 with restore_on_error(self, adapter_name if existing is not None else None):
                     return original_load_adapter(self, model_id, adapter_name, *args, **kwargs)
             except Exception as exc:
-                clear = _explain_read_error(exc, model_id)
+                clear = _explain_read_error(exc, model_id, folder)
                 if clear is None:
                     raise
                 raise clear from exc

@@ -150,6 +150,27 @@ class AdapterSnapshot:
         factors = sum(layer.num_trainable() for layer in self.layers.values())
         return factors + sum(t.numel() for t in self.extra.values())
 
+    def non_finite(self) -> list[str]:
+        """`<module>.<factor>` of every LRA factor (U, λ, V and ΔW₀'s) that holds a NaN or ±Inf."""
+        bad = []
+        for name, layer in self.layers.items():
+            for factor, tensor in (("lra_U", layer.U), ("lra_lambda", layer.lam), ("lra_V", layer.V),
+                                   ("lra_U0", layer.U0), ("lra_lambda0", layer.lam0), ("lra_V0", layer.V0)):
+                if tensor is not None and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    bad.append(f"{name}.{factor}")
+        return bad
+
+    def check_finite(self) -> None:
+        """Raise the ValueError that loading gives (naming the file and the layers) if any factor is not finite."""
+        bad = self.non_finite()
+        if bad:
+            where = f"{self.weights_file}: " if self.weights_file is not None else ""
+            more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+            raise ValueError(
+                f"{where}The LRA adapter {self.adapter_name!r} holds NaN or Inf values in {', '.join(bad[:5])}{more}; "
+                "it is broken (often saved from a diverged training run). Nothing was written."
+            )
+
     def resolve_kinds(self, base: Optional[ModelOrDir] = None) -> bool:
         """Fill in each layer's base module kind from `base` (a model, or a local folder / cached Hub id whose
         config.json is read; the weights are never loaded). Returns False when no base config is available."""

@@ -210,6 +210,10 @@ def build_parser(description: str, defaults: TaskDefaults) -> argparse.ArgumentP
     out = p.add_argument_group("output")
     out.add_argument("--output_dir", default=defaults.output_dir or f"outputs/{defaults.dataset}",
                      help="Where the adapter, metrics.json, the report, the model card and checkpoints go.")
+    out.add_argument("--overwrite_output_dir", action="store_true",
+                     help="Replace the outputs of an earlier run in a non-empty --output_dir (they are swapped for "
+                          "this run's once it has finished; nothing of the earlier run is left). Without it a "
+                          "non-empty --output_dir is refused, unless resuming from a checkpoint.")
     out.add_argument("--checkpointing_steps", type=_parse_checkpointing_steps, default=None,
                      help="Save a checkpoint every N steps (step_N), or 'epoch' (epoch_N, N counted from 0).")
     out.add_argument("--checkpoints_total_limit", type=int, default=None,
@@ -675,6 +679,67 @@ def plan_schedule(args: argparse.Namespace, num_examples: int, num_processes: in
     return Schedule(updates, epochs * updates, epochs, reason)
 
 
+# ---------------------------------------------------------------------------------------------- the output folder
+# Per output folder (resolved path): the entries an earlier run left there, by name -> (inode, mtime), when
+# --overwrite_output_dir lets this run replace them. `save_outputs` swaps them for this run's outputs.
+_EARLIER_OUTPUTS: dict[Path, dict[str, tuple[int, int]]] = {}
+
+
+def check_output_dir(args: argparse.Namespace) -> None:
+    """Refuse an `--output_dir` this run cannot use, before any training (as Transformers' examples do).
+
+    It must be a folder (or not exist yet) under a folder we can write; a non-empty one needs
+    `--overwrite_output_dir` unless the run resumes from a checkpoint (which lives there).
+    """
+    out = Path(args.output_dir).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise RecipeError(f"--output_dir {args.output_dir} is an existing file, not a folder; pass a folder path (it "
+                          "is created if missing)")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RecipeError(f"--output_dir {args.output_dir}: {existing} is a file, so no folder can be created "
+                          "under it; pass another --output_dir")
+    writable = [existing] if existing != out else [out]
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if entries and args.overwrite_output_dir:
+        writable.append(out.parent)  # the new outputs are swapped in next to it
+    for folder in writable:
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise RecipeError(f"--output_dir {args.output_dir}: cannot write in {folder} (permission denied); pass "
+                              "a folder you can write to")
+    _EARLIER_OUTPUTS.pop(out.resolve(), None)
+    if not entries:
+        return
+    if args.overwrite_output_dir:
+        _EARLIER_OUTPUTS[out.resolve()] = {name: _identity(out / name) for name in entries}
+    elif args.resume_from_checkpoint is None:
+        shown = ", ".join(entries[:6]) + (", ..." if len(entries) > 6 else "")
+        raise RecipeError(f"--output_dir {args.output_dir} already exists and is not empty (it holds {shown}); pass "
+                          "--overwrite_output_dir to replace those files with this run's outputs, or choose another "
+                          "--output_dir")
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    stat = path.lstat()
+    return stat.st_ino, stat.st_mtime_ns
+
+
+def _replace_earlier_outputs(output_dir: Path, final_files: Path) -> None:
+    """Make `output_dir` hold this run's files only: `final_files`' content plus what this run wrote there
+    (checkpoints, tracker logs), swapped in by renames so that the folder never mixes two runs' outputs."""
+    out = output_dir.absolute().resolve()
+    earlier = _EARLIER_OUTPUTS.pop(out, {})
+    new = atomic_dir(out.parent / f"{out.name}.new")
+    os.replace(final_files, new)
+    for item in out.iterdir():
+        if item.name not in earlier or _identity(item) != earlier[item.name]:
+            if not (new / item.name).exists():
+                os.replace(item, new / item.name)  # written by this run: keep it
+    commit_dir(new, out)
+
+
 # ------------------------------------------------------------------------------------------------- checkpoints
 def atomic_dir(final: Path) -> Path:
     """A fresh temporary folder next to `final`, to fill and then `commit_dir` into place."""
@@ -904,9 +969,11 @@ def check_trackers(args: argparse.Namespace, accelerator: Any) -> None:
 
 
 def make_accelerator(args: argparse.Namespace) -> Any:
+    """Accelerate's `Accelerator` for this run, after checking `--output_dir` (before any model is loaded)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    check_output_dir(args)
     kwargs: dict[str, Any] = {"gradient_accumulation_steps": args.gradient_accumulation_steps}
     if args.with_tracking:
         kwargs.update(log_with=[name.strip() for name in str(args.report_to).split(",") if name.strip()],
@@ -1013,7 +1080,13 @@ def train(args: argparse.Namespace, accelerator: Any, model: nn.Module, train_fe
     if args.resume_from_checkpoint is not None:
         checkpoint = find_checkpoint(args.resume_from_checkpoint, output_dir)
         accelerator.print(f"Resuming from {checkpoint}")
-        progress = json.loads((checkpoint / PROGRESS_FILE).read_text())
+        try:
+            progress = json.loads((checkpoint / PROGRESS_FILE).read_text())
+            if not isinstance(progress, dict):
+                raise ValueError(f"a JSON {type(progress).__name__}, not an object")
+        except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+            raise RecipeError(f"--resume_from_checkpoint: {checkpoint / PROGRESS_FILE} is damaged ({exc}); resume from "
+                              "another checkpoint folder, or start again with a new --output_dir") from None
         changed = {k: (v, progress["run"][k]) for k, v in _resume_key(args, accelerator).items()
                    if progress.get("run", {}).get(k, v) != v}
         if changed:
@@ -1274,9 +1347,14 @@ def save_outputs(args: argparse.Namespace, accelerator: Any, model: nn.Module, t
         lra_section = _lra_card_section(peft_model, run) if args.method == "lra" else ""
     # The recipe's card replaces the one PEFT (or lra_peft's save hook) just wrote: one card, one of each section.
     (tmp / "README.md").write_text(model_card(args, run, metrics, peft_model is not None, hub_base, lra_section))
-    for item in sorted(tmp.iterdir(), key=lambda p: p.name == "README.md"):
-        os.replace(item, output_dir / item.name)  # the card last: it describes files already in place
-    tmp.rmdir()
+    if output_dir.absolute().resolve() in _EARLIER_OUTPUTS:
+        # --overwrite_output_dir: an earlier run's files (say an adapter, after this --method full run) must not
+        # survive next to this run's, where from_pretrained would pick them up.
+        _replace_earlier_outputs(output_dir, tmp)
+    else:
+        for item in sorted(tmp.iterdir(), key=lambda p: p.name == "README.md"):
+            os.replace(item, output_dir / item.name)  # the card last: it describes files already in place
+        tmp.rmdir()
     if args.push_to_hub:
         push_to_hub(args, output_dir)
     return metrics
@@ -1446,6 +1524,18 @@ def predict(accelerator: Any, model: nn.Module, loader: DataLoader) -> dict[int,
 Example = tuple[str, str]  # (text, label)
 
 
+def read_text(path: Path) -> str:
+    """A data file's text: UTF-8, with a leading byte-order mark dropped (Excel writes one before the header);
+    other bytes are a `RecipeError` naming the file and line."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise RecipeError(f"{path}:{line}: byte {data[exc.start:exc.start + 1]!r} is not UTF-8 ({exc.reason}); save the "
+                          "file as UTF-8") from None
+
+
 def read_table(path: Path, text_column: str, label_column: str, delimiter: str = ",") -> list[Example]:
     """(text, label) rows of a CSV/TSV file with a header; bad rows raise a `RecipeError` naming file and line.
 
@@ -1453,10 +1543,11 @@ def read_table(path: Path, text_column: str, label_column: str, delimiter: str =
     sentences contain quote characters that are part of the text).
     """
     import csv
+    import io
 
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     rows: list[Example] = []
-    with open(path, encoding="utf-8", newline="") as f:
+    with io.StringIO(read_text(path), newline="") as f:
         reader = csv.DictReader(f, delimiter=delimiter, quoting=quoting)
         header = reader.fieldnames or []
         missing = [c for c in (text_column, label_column) if c not in header]

@@ -23,6 +23,28 @@ from transformers import (  # noqa: E402
 
 import lra_peft  # noqa: E402,F401  (registers LRA with PEFT)
 
+IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def require(module: str):
+    """Import an optional test dependency: skip without it locally, but fail in CI (CI=true), which installs every
+    one, so that a missing package cannot make its tests disappear unnoticed."""
+    if IN_CI:
+        import importlib
+
+        return importlib.import_module(module)
+    return pytest.importorskip(module, reason=f"needs {module} (installed in CI, where its absence fails)")
+
+
+def require_condition(ok: bool, reason: str) -> None:
+    """Skip locally when `ok` is false (e.g. ../shared/data is absent); fail in CI instead."""
+    if ok:
+        return
+    if IN_CI:
+        pytest.fail(f"{reason} (CI=true: this must be available in CI)")
+    pytest.skip(reason)
+
+
 # Tiny models gain nothing from threads, and oversubscribed threads make small SVDs very slow on a busy machine.
 torch.set_num_threads(1)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_bert_seq_cls, make_gpt2, make_mlp, rel_err, tiny_bert_config
+from conftest import make_bert_seq_cls, make_gpt2, make_mlp, rel_err, require, tiny_bert_config
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
@@ -336,7 +336,7 @@ def test_only_the_trained_adapter_allocates(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_base(tmp_path: Path, bits: int) -> None:
-    pytest.importorskip("bitsandbytes")
+    require("bitsandbytes")
     from transformers import AutoModelForSequenceClassification, BertForSequenceClassification, BitsAndBytesConfig
 
     # bitsandbytes' 4-bit CPU kernels need in_features of at least one quantization block (64).

@@ -10,6 +10,7 @@ from types import ModuleType
 
 import numpy as np
 import pytest
+from conftest import require
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -172,7 +173,7 @@ def test_quality_reruns_a_run_when_the_recipe_default_changed(tmp_path: Path, ca
 
 def test_device_check_passes_on_the_cpu_with_a_tiny_bert(tmp_path: Path) -> None:
     """The GPU script's checks, run here on the CPU: bf16, int8 and nf4 bases of a tiny BERT."""
-    pytest.importorskip("bitsandbytes")
+    require("bitsandbytes")
     import torch
     from conftest import tiny_bert_config
     from transformers import BertModel

@@ -165,8 +165,89 @@ def test_compress_command(saved: dict, capsys, tmp_path: Path) -> None:
     assert lines[PRUNED][1:4] == [str(2 * R - 2), "->", "2"]
     assert "wrote rank-2 LRA adapter" in out
     assert lra_peft.rank_report(out_dir).total_r == 8 * 2
+    # Independently of compress(): each layer's ΔW (residual-free, from the trained model) and the compressed one read
+    # from the file. The latter has rank 2 and is the best rank-2 approximation (Eckart–Young), so its error is the
+    # tail of ΔW's singular values, which is also what the CLI printed.
+    compressed = load_file(out_dir / "adapter_model.safetensors")
+    tail_total = norm_total = 0.0
+    for name in report.errors:
+        layer = saved["model"].base_model.model.get_submodule(name)
+        s = layer.scaling["default"]
+        delta = s * (layer.lra_U["default"] * layer.lra_lambda["default"]) @ layer.lra_V["default"].T \
+            - s * (layer.lra_U0["default"] * layer.lra_lambda0["default"]) @ layer.lra_V0["default"].T
+        key = f"base_model.model.{name}"
+        small = s * (compressed[f"{key}.lra_U"] * compressed[f"{key}.lra_lambda"]) @ compressed[f"{key}.lra_V"].T
+        sigma = torch.linalg.svdvals(delta.double().detach())
+        optimal = (sigma[2:].norm() / sigma.norm()).item()
+        assert optimal > 1e-2  # a real truncation
+        assert rel_err(small.double(), delta.double().detach()) == pytest.approx(optimal, rel=1e-3)
+        assert float(lines[name][-1]) == pytest.approx(optimal, rel=1e-3)
+        assert torch.linalg.matrix_rank(small.double(), rtol=1e-6) <= 2
+        tail_total, norm_total = tail_total + (sigma[2:] ** 2).sum().item(), norm_total + (sigma**2).sum().item()
+    assert float(lines["total"][-1]) == pytest.approx((tail_total / norm_total) ** 0.5, rel=1e-3)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(saved["root"] / "base"), out_dir)
-    assert rel_err(causal_output(model, saved["input_ids"]), saved["expected"]) < 1.0
+    assert rel_err(causal_output(model, saved["input_ids"]), saved["expected"]) < 0.5
+
+
+def test_compress_to_a_rank_that_does_not_shrink_is_refused_or_said(saved: dict, capsys, tmp_path: Path) -> None:
+    adapter = saved["root"] / "adapter"
+    code, out, err = run_cli(capsys, "compress", adapter, tmp_path / "bigger", "--r", str(2 * R + 1))
+    assert code == 1 and "does not compress this adapter" in err and f"below {2 * R}" in err, err
+    assert not (tmp_path / "bigger").exists()
+    code, out, err = run_cli(capsys, "compress", adapter, tmp_path / "same", "--r", str(2 * R))
+    assert code == 0, err
+    assert f"note: {2 * R} is this adapter's full rank, so nothing was dropped" in out
+    assert float(out.split("relative error of ΔW over all layers: ")[1].split()[0]) < 1e-6
+
+
+# ------------------------------------------------------------------------------------------- non-finite adapters
+@pytest.fixture(scope="module")
+def nan_adapter(saved: dict) -> Path:
+    import shutil
+
+    from safetensors.torch import save_file
+
+    folder = saved["root"] / "nan_adapter"
+    shutil.copytree(saved["root"] / "adapter", folder)
+    state = load_file(folder / "adapter_model.safetensors")
+    state[f"base_model.model.{PRUNED}.lra_lambda"][-1] = float("nan")
+    save_file(state, folder / "adapter_model.safetensors")
+    return folder
+
+
+@pytest.mark.parametrize("command", ["export-lora", "merge", "compress"])
+def test_commands_refuse_a_non_finite_adapter_as_loading_does(saved: dict, nan_adapter: Path, capsys, tmp_path: Path,
+                                                              command: str) -> None:
+    with pytest.raises(ValueError, match=rf"holds NaN or Inf values in {PRUNED}\.lra_lambda") as loading:
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(saved["root"] / "base"), nan_adapter)
+    extra = ["--r", "2"] if command == "compress" else []
+    code, out, err = run_cli(capsys, command, nan_adapter, tmp_path / "out", *extra)
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"lra-peft {command}: error: "), err
+    assert str(nan_adapter / "adapter_model.safetensors") in lines[0]
+    same = str(loading.value).split(" Nothing was")[0]  # the load's message, up to what was (not) done
+    assert same in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_inspect_warns_about_nan_and_refuses_a_nan_tolerance(saved: dict, nan_adapter: Path, capsys) -> None:
+    code, out, err = run_cli(capsys, "inspect", nan_adapter)
+    assert code == 0
+    assert "warning:" in err and f"{PRUNED}.lra_lambda" in err and "broken" in err
+    lam = next(line for line in out.splitlines() if line.startswith("|λ|"))
+    assert "1 NaN/Inf (broken)" in lam and "nan" not in lam.lower().replace("nan/inf", "")
+    code, out, err = run_cli(capsys, "inspect", nan_adapter, "--json")
+    summary = json.loads(out)
+    assert summary["non_finite_factors"] == [f"{PRUNED}.lra_lambda"] and summary["lambda_abs"]["non_finite"] == 1
+    assert summary["lambda_abs"]["zeros"] == 2  # the two pruned λ; the NaN is not counted as pruned
+    for tol in ("nan", "-1", "inf"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["inspect", str(saved["root"] / "adapter"), "--tol", tol])
+        assert exit_info.value.code == 2
+        assert "is not a threshold" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="tol=nan is invalid"):
+        lra_peft.rank_report(saved["model"], tol=float("nan"))
 
 
 # ---------------------------------------------------------------------------------------------------- errors

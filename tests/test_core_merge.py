@@ -98,6 +98,39 @@ def test_merge_subset_of_adapters_with_principal_owner(input_ids: torch.Tensor) 
     model.add_adapter("other", LRAConfig(r=2, target_modules=["query"], init_weights=False))
     model.set_adapter("other")
     expected = _bert_logits(model, input_ids)
+    deltas = {name: (m.scaling["other"] * (m.lra_U["other"] * m.lra_lambda["other"]) @ m.lra_V["other"].T).detach()
+              for name, m in model.base_model.model.named_modules() if isinstance(m, LRALayer)}
     merged = model.merge_and_unload(adapter_names=["other"])
     assert rel_err(_bert_logits(merged, input_ids), expected) <= 1e-5
-    assert rel_err(_bert_logits(merged, input_ids), _bert_logits(base, input_ids)) > 1e-6
+    # The merge really carries "other" and only it: each merged weight is W + ΔW_other, with the original W (not the
+    # residual) underneath. (The logits of this tiny model move by ~3e-5 only, too little to tell that apart.)
+    assert len(deltas) == 2
+    for name, other in deltas.items():
+        original = base.get_submodule(name).weight
+        assert other.norm() > 0.1 * original.norm()
+        torch.testing.assert_close(merged.get_submodule(name).weight - original, other, rtol=1e-4, atol=1e-5)
+
+
+def test_merging_into_a_tied_weight_is_refused_and_changes_nothing(input_ids: torch.Tensor) -> None:
+    # GPT-2's lm_head shares wte's weight: merging an adapter of wte would move the logits through lm_head too.
+    model = _trained(get_peft_model(make_gpt2(), LRAConfig(r=4, target_modules=["wte", "c_attn"])))
+    lm_head = model.base_model.model.lm_head.weight
+    before = _bert_logits(model, input_ids)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    for merge in (model.merge_adapter, model.merge_and_unload):
+        with pytest.raises(ValueError, match=r"into transformer\.wte would also change lm_head.*Nothing was merged"):
+            merge()
+        assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+        assert not any(m.merged for m in model.modules() if isinstance(m, LRALayer))
+        assert torch.equal(_bert_logits(model, input_ids), before)
+    assert model.base_model.model.lm_head.weight is lm_head
+    # An adapter that adds nothing to wte merges (nothing shared changes), as does one on untied weights.
+    untrained = get_peft_model(make_gpt2(), LRAConfig(r=4, target_modules=["wte"]))
+    reference = _bert_logits(untrained, input_ids)
+    assert torch.allclose(_bert_logits(untrained.merge_and_unload(), input_ids), reference)
+    untied = make_gpt2()
+    untied.config.tie_word_embeddings = False
+    untied.lm_head.weight = torch.nn.Parameter(untied.lm_head.weight.detach().clone())
+    model = _trained(get_peft_model(untied, LRAConfig(r=4, target_modules=["wte"])))
+    expected = _bert_logits(model, input_ids)
+    assert rel_err(_bert_logits(model.merge_and_unload(), input_ids), expected) <= 1e-5

@@ -190,3 +190,43 @@ def test_load_adapter_into_the_same_principal_run_keeps_the_residual(tmp_path: P
             assert torch.equal(module.get_base_layer().weight, residual[name])
     with torch.no_grad():
         assert torch.equal(model(input_ids=input_ids).logits, before)
+
+
+@pytest.mark.parametrize("init", ["principal", "minor"])
+def test_base_model_state_dict_is_the_pretrained_one_and_round_trips(init: str, input_ids: torch.Tensor) -> None:
+    import peft
+
+    pretrained = make_bert_seq_cls()
+    original = {k: v.clone() for k, v in pretrained.state_dict().items()}
+    model = get_peft_model(copy.deepcopy(pretrained), LRAConfig(r=4, target_modules=["query", "value"],
+                                                                init_weights=init))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lra_" in name:
+                param.add_(0.1 * torch.randn_like(param))
+    query = model.base_model.model.bert.encoder.layer[0].attention.self.query
+    assert (query.get_base_layer().weight - original["bert.encoder.layer.0.attention.self.query.weight"]).norm() > 1e-2
+
+    state = peft.get_base_model_state_dict(model)  # what `from peft import ...` gives after `import lra_peft`
+    assert state.keys() == original.keys()
+    for key, value in original.items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=1e-5, msg=key)
+
+    # Round trip into the same model: weights and outputs unchanged.
+    with torch.no_grad():
+        before = model(input_ids=input_ids).logits
+    residual = query.get_base_layer().weight.clone()
+    peft.set_base_model_state_dict(model, state)
+    torch.testing.assert_close(query.get_base_layer().weight, residual, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=input_ids).logits, before, rtol=0, atol=1e-5)
+
+    # Into a model built from other weights: it then holds the given pretrained weights (its own ΔW₀ still removed).
+    other = get_peft_model(make_bert_seq_cls(seed=1), LRAConfig(r=4, target_modules=["query", "value"],
+                                                                init_weights=init))
+    peft.utils.set_base_model_state_dict(other, state)
+    for key, value in peft.utils.save_and_load.get_base_model_state_dict(other).items():
+        torch.testing.assert_close(value, original[key], rtol=0, atol=1e-5, msg=key)
+    with torch.no_grad(), other.disable_adapter():
+        torch.testing.assert_close(other(input_ids=input_ids).logits, pretrained(input_ids=input_ids).logits,
+                                   rtol=0, atol=1e-5)

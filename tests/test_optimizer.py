@@ -137,6 +137,20 @@ def test_optimizer_state_round_trips_between_two_identically_built_optimizers():
     again.load_state_dict(optimizer.state_dict())  # raises if the group layout differs
     assert [g["lr"] for g in again.param_groups] == [g["lr"] for g in optimizer.param_groups]
 
+    # The state lands on the same parameters (a group order mix-up would hand λ's moments to U).
+    import copy
+
+    resumed_model = copy.deepcopy(model)
+    resumed = create_lra_optimizer(resumed_model, lr=1e-3, weight_decay=0.01)
+    resumed.load_state_dict(optimizer.state_dict())
+    names = dict(model.named_parameters())
+    resumed_names = dict(resumed_model.named_parameters())
+    state_of = {name: optimizer.state[p] for name, p in names.items() if p in optimizer.state}
+    assert len(state_of) == sum(p.requires_grad for p in names.values()) > 0
+    for name, state in state_of.items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(resumed.state[resumed_names[name]][key], state[key]), (name, key)
+
 
 def test_gain_argument_and_recipe_default():
     import sys

@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_bert_config
+from conftest import VOCAB, require, tiny_bert_config
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from torch import nn
 from transformers import (
@@ -27,7 +27,7 @@ from transformers import (
 from lra_peft import LRAConfig, LRALayer, quantized_load, restore_quantized_residual
 from lra_peft.quantization import quantization_backend_for, refine_quantized_init
 
-bnb = pytest.importorskip("bitsandbytes")
+bnb = require("bitsandbytes")
 
 QUANT = {
     "int8": dict(load_in_8bit=True),
@@ -302,6 +302,42 @@ def test_merge_and_unload_returns_a_quantized_model_with_the_adapter_in_it(check
     merged = hidden(merged_model)
     assert norm(merged - unmerged) < 2.0 * quantization_error
     assert norm(merged - base) > 3 * quantization_error
+
+
+def _storage(layer: LRALayer) -> list[torch.Tensor]:
+    """The bytes a bnb layer computes with: int8 codes and row scales, or 4-bit codes and block scales."""
+    base = layer.get_base_layer()
+    weight = base.weight
+    if isinstance(base, bnb.nn.Linear8bitLt):
+        return [weight.data.clone(), (weight.SCB if weight.SCB is not None else base.state.SCB).clone()]
+    return [weight.data.clone(), weight.quant_state.absmax.clone()]
+
+
+@pytest.mark.parametrize("quant", ["int8", "nf4"])
+def test_three_merge_unmerge_cycles_restore_the_quantized_weights_bit_exactly(checkpoint, quant):
+    peft_model, unmerged, base, quantization_error = merge_fixture(checkpoint, quant)
+    layers = lra_layers(peft_model)
+    original = {name: _storage(layer) for name, layer in layers.items()}
+    first_merged = None
+    for cycle in range(3):
+        peft_model.merge_adapter()
+        merged = hidden(peft_model)
+        # Each merge starts from the original storage: one requantization, the same every time.
+        assert norm(merged - unmerged) < 2.0 * quantization_error, (cycle, norm(merged - unmerged))
+        if first_merged is None:
+            first_merged = merged
+        assert torch.equal(merged, first_merged), cycle
+        peft_model.unmerge_adapter()
+        for name, layer in layers.items():
+            assert not layer.merged
+            assert all(torch.equal(a, b) for a, b in zip(_storage(layer), original[name])), (cycle, name)
+        assert torch.equal(hidden(peft_model), unmerged), cycle
+    # Training goes on from the restored storage: a merge after changing the adapter uses its new values.
+    scale_adapters(peft_model, 0.0)
+    peft_model.merge_adapter()
+    assert norm(hidden(peft_model) - base) < 2.0 * quantization_error
+    peft_model.unmerge_adapter()
+    assert all(torch.equal(a, b) for name, layer in layers.items() for a, b in zip(_storage(layer), original[name]))
 
 
 @pytest.mark.parametrize("quant", ["int8", "nf4"])

@@ -12,7 +12,7 @@ from unittest import mock
 import httpx2
 import huggingface_hub
 import pytest
-from conftest import make_bert_seq_cls
+from conftest import make_bert_seq_cls, require
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError
 from peft import PeftModel, get_peft_model
@@ -121,7 +121,7 @@ def test_failed_push_errors_do_not_reveal_the_token(adapter_dir: Path, hub: Capt
 def test_recipe_push_never_writes_or_uploads_the_token(hub: CapturingHub, tmp_path: Path, caplog) -> None:
     # The token comes from the environment; it must reach neither metrics.json, the model card, the TensorBoard logs
     # nor the output.
-    pytest.importorskip("sklearn")
+    require("sklearn")
     from test_recipes import ENV, _tiny_bert, run_recipe, small, write_sst2
 
     model = _tiny_bert(tmp_path / "tiny-bert", dropout=0.0)

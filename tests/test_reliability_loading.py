@@ -257,6 +257,42 @@ def test_adapter_with_nan_factors_is_refused_at_load(saved: dict, tmp_path: Path
     assert_unchanged(base, before)
 
 
+@pytest.mark.parametrize("damage, named", [
+    ("drop lra_U0", r"missing: bert\.encoder\.layer\.1\.attention\.self\.value\.lra_U0"),
+    ("drop lra_lambda0", r"missing: bert\.encoder\.layer\.1\.attention\.self\.value\.lra_lambda0"),
+    ("drop lra_V", r"missing: bert\.encoder\.layer\.1\.attention\.self\.value\.lra_V"),
+    ("extra layer", r"not in this adapter's layers: bert\.encoder\.layer\.1\.attention\.self\.key\.lra_U"),
+    ("lambda as int64", r"not floating point: bert\.encoder\.layer\.1\.attention\.self\.value\.lra_lambda \(int64\)"),
+    ("lambda as bool", r"not floating point: .*value\.lra_lambda \(bool\)"),
+])
+def test_missing_extra_or_wrongly_typed_factors_are_named_with_the_file(saved: dict, tmp_path: Path, damage: str,
+                                                                        named: str) -> None:
+    broken = _copy(saved["path"], tmp_path / "broken")
+    file = broken / "adapter_model.safetensors"
+    state = load_file(file)
+    value = "base_model.model.bert.encoder.layer.1.attention.self.value"
+    if damage.startswith("drop"):
+        del state[f"{value}.{damage.split()[1]}"]
+    elif damage == "extra layer":
+        state[value.replace("value", "key") + ".lra_U"] = state[f"{value}.lra_U"].clone()
+    else:
+        dtype = torch.int64 if "int64" in damage else torch.bool
+        state[f"{value}.lra_lambda"] = state[f"{value}.lra_lambda"].to(dtype)
+    save_file(state, file)
+    for load in ("from_pretrained", "load_adapter"):
+        base = make_bert_seq_cls()
+        model = None
+        if load == "load_adapter":
+            model = PeftModel.from_pretrained(base, saved["path"])
+        before = record(model if model is not None else base)
+        with pytest.raises(AdapterFileError, match=re.escape(str(file)) + ".*" + named):
+            if model is None:
+                PeftModel.from_pretrained(base, broken)
+            else:
+                model.load_adapter(broken, "other")
+        assert_unchanged(model if model is not None else base, before, plain_base=model is None)
+
+
 def test_interrupt_during_load_leaves_the_model_unchanged(saved: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     import peft.peft_model
 

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import require
 
-pytest.importorskip("sklearn")
-pytest.importorskip("seqeval")
+require("sklearn")
+require("seqeval")
 
 from test_recipes import (  # noqa: E402  (the recipe tests' fixture data and runner)
     ENV,
