@@ -828,8 +828,12 @@ def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
         if path.is_dir() and (path / PROGRESS_FILE).is_file():
             try:
                 progress = json.loads((path / PROGRESS_FILE).read_text())
+            except (ValueError, UnicodeDecodeError) as exc:  # ours are written atomically: this one was damaged later
+                raise RecipeError(f"{path / PROGRESS_FILE} is damaged ({exc}); delete that checkpoint folder, resume "
+                                  "from another one, or start again with a new --output_dir") from None
+            try:
                 found.append(((progress["completed_steps"], progress["epoch"]), path))
-            except (ValueError, KeyError):
+            except (TypeError, KeyError):
                 continue  # not one of ours
     return [(key[0], path) for key, path in sorted(found, key=lambda item: (item[0], item[1].name))]
 

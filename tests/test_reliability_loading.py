@@ -36,6 +36,8 @@ INVALID: dict[str, list[tuple]] = {
     "exclude_modules": [(5, {}, None), ([None], {}, None)],
     "init_weights": [("pissa", {}, None), (1, {}, None), (None, {}, None)],
     "svd_niter": [(-1, {}, None), (2.5, {}, None), (True, {}, None), (4, {"init_weights": "minor"}, None)],
+    "corda_method": [("ipm2", {}, None), (None, {}, None)],
+    "gradient_scale": [(0, {}, None), (-1.0, {}, None), ("1", {}, None), (NAN, {}, None)],
     "orth_reg_weight": [(-0.1, {}, None), ("x", {}, None), (NAN, {}, None)],
     "fan_in_fan_out": [("yes", {}, None), (1, {}, None)],
     "bias": [("some", {}, None), (None, {}, None)],
