@@ -78,7 +78,7 @@ class TaskDefaults:
     per_device_train_batch_size: int = 32
     per_device_eval_batch_size: int = 64
     max_length: int = 128
-    # LRA's --init_weights, chosen per task on validation over three seeds (docs/recipes.md#choosing-the-initialisation)
+    # LRA's --init_weights, chosen per task on validation over three seeds (docs/results.md#choosing-the-initialisation-per-task-three-seeds-on-validation)
     init_weights: Union[bool, str] = "principal"
     target_modules: Union[str, list[str]] = field(default_factory=lambda: ["query", "key", "value", "dense"])
     # Without --num_train_epochs / --max_train_steps, train more epochs than `num_train_epochs` until at least this
