@@ -5,11 +5,13 @@
 * `PeftConfig.from_json_file` (every PEFT method): a malformed `adapter_config.json` raises an `AdapterFileError`
   naming the file instead of a bare `json.JSONDecodeError` (both are `ValueError`s).
 * `PeftModel.from_pretrained` / `PeftModel.load_adapter`: a local folder without `adapter_config.json` is named as
-  such. For LRA adapters also:
+  such, and so is a symbolic link to a folder or to nothing where a file or folder is expected. For LRA adapters also:
 
   - weights are read from `adapter_model.safetensors`; an `adapter_model.bin` (pickle) is refused unless the
     environment sets `LRA_PEFT_ALLOW_BIN=1`, and is then read with `torch.load(weights_only=True)`;
   - a truncated or corrupted safetensors file raises an `AdapterFileError` naming it, before the model is touched;
+  - the tensor shapes in the safetensors header are compared with the layers the config describes before any is
+    built (`checkpoint_shapes`), so an edited `r` is refused without allocating r-sized factors;
   - any failure (a file error, shapes that do not fit, see `LRAModel._remap_adapter_state_dict_for_load`, even a
     `KeyboardInterrupt`) puts the model back as it was: no LRA layer, `ModulesToSaveWrapper`, `peft_config`
     attribute or `requires_grad` change is left behind, and an adapter being re-loaded keeps its old values.
