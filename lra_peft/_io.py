@@ -8,9 +8,10 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 PathLike = Union[str, os.PathLike]
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -18,17 +19,75 @@ def _umask() -> int:
     return mask
 
 
+def _in_user_terms(exc: BaseException, hidden: str, shown: str) -> Optional[BaseException]:
+    """A copy of `exc` that names `shown` (the path the user gave) wherever it named `hidden` (a temporary file or
+    folder of ours, or a path inside it); None when it does not mention `hidden`."""
+
+    def swap(name: object) -> object:
+        if isinstance(name, (str, bytes)) and (os.fsdecode(name) + os.sep).startswith(hidden + os.sep):
+            return shown + os.fsdecode(name)[len(hidden):]
+        return name
+
+    if isinstance(exc, OSError) and exc.errno is not None and exc.strerror:
+        first, second = swap(exc.filename), swap(exc.filename2)
+        if (first, second) == (exc.filename, exc.filename2):
+            return None
+        # A failed rename of our file onto the user's would name the same path twice.
+        return type(exc)(exc.errno, exc.strerror, first, None, None if second == first else second)
+    if hidden not in str(exc):
+        return None
+    try:
+        return type(exc)(str(exc).replace(hidden, shown))
+    except Exception:  # noqa: BLE001 - an exception class with another constructor keeps its own message
+        return None
+
+
+@contextmanager
+def errors_naming(final: PathLike, tmp: PathLike) -> Iterator[None]:
+    """Re-raise an error of the block that names the hidden temporary `tmp` (`.<name>.tmp-*`) as the same error
+    naming `final`, the path the user gave: "Permission denied: 'out/adapter_model.safetensors'"."""
+    try:
+        yield
+    except Exception as exc:
+        clear = _in_user_terms(exc, os.fsdecode(tmp), os.fsdecode(final))
+        if clear is None:
+            raise
+        raise clear from exc
+
+
+def not_a_file(path: PathLike) -> Optional[str]:
+    """What `path` is, in words for an error, when something is there but it is not a readable file: a folder, a
+    symbolic link to a folder or to nothing (broken), a FIFO. None when it is a file, or when nothing is there."""
+    path = Path(path)
+    if path.is_file() or not os.path.lexists(path):
+        return None
+    if path.is_symlink():
+        target = os.readlink(path)
+        if not path.exists():
+            return f"{path} is a symbolic link to {target}, which does not exist (a broken link)"
+        return f"{path} is a symbolic link to {target}, which is {'a folder' if path.is_dir() else 'not a file'}"
+    return f"{path} is a folder, not a file" if path.is_dir() else f"{path} is not a regular file"
+
+
 def make_temp_dir(parent: Path, name: str) -> Path:
     """A hidden temporary folder in `parent`, with the permissions a plain mkdir would give (mkdtemp's are 0700,
-    which would make a published adapter folder private to its writer once renamed into place)."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent))
+    which would make a published adapter folder private to its writer once renamed into place). An error creating
+    it names `parent / name`, the folder the user asked for."""
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent))
+    except OSError as exc:
+        raise type(exc)(exc.errno, exc.strerror, str(Path(parent) / name)) from exc
     os.chmod(tmp, 0o777 & ~_umask())
     return tmp
 
 
 def make_temp_file(parent: Path, name: str) -> tuple[int, str]:
-    """Like `tempfile.mkstemp` in `parent`, with the permissions a plain open() would give (not mkstemp's 0600)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-", dir=parent)
+    """Like `tempfile.mkstemp` in `parent`, with the permissions a plain open() would give (not mkstemp's 0600). An
+    error creating it names `parent / name`, the file the user asked for."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-", dir=parent)
+    except OSError as exc:
+        raise type(exc)(exc.errno, exc.strerror, str(Path(parent) / name)) from exc
     os.chmod(tmp, 0o666 & ~_umask())
     return fd, tmp
 
@@ -55,16 +114,17 @@ def atomic_output_dir(out_dir: PathLike) -> Iterator[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(out.parent, out.name)
     try:
-        yield tmp
-        normalize_permissions(tmp)
-        if not out.exists():
-            try:
-                os.replace(tmp, out)
-                return
-            except OSError:
-                # Another process created `out` meanwhile: fall through and merge file by file.
-                pass
-        _move_contents(tmp, out)
+        with errors_naming(out, tmp):
+            yield tmp
+            normalize_permissions(tmp)
+            if not out.exists():
+                try:
+                    os.replace(tmp, out)
+                    return
+                except OSError:
+                    # Another process created `out` meanwhile: fall through and merge file by file.
+                    pass
+            _move_contents(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -86,9 +146,10 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = make_temp_file(path.parent, path.name)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
+        with errors_naming(path, tmp):
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -30,7 +30,7 @@ from .calibration import calibration_stats, release_calibration
 from .config import LRAConfig
 from .layer import Conv2d, Embedding, Linear, LRALayer
 from .regularization import orthogonal_loss
-from .safety import AdapterContentError
+from .safety import AdapterContentError, checkpoint_shapes
 
 SUPPORTED_LAYERS = "torch.nn.Linear, transformers' Conv1D, torch.nn.Embedding, torch.nn.Conv2d and bitsandbytes Linear8bitLt/Linear4bit"
 
@@ -62,6 +62,35 @@ def _matrix_dims(module: nn.Module, layer_type: str) -> tuple[int, int]:
 
 # A key of an LRA factor in a checkpoint, with or without the adapter name PEFT appends when it maps it to the model.
 _LRA_TENSOR = re.compile(r"\.lra_(U0|lambda0|V0|U|lambda|V)(\.[^.]+)?$")
+
+
+def _header_mismatches(
+    shapes: dict[str, tuple[int, ...]], key: str, r: int, in_features: int, out_features: int
+) -> list[str]:
+    """The factors of layer `key` whose shape in a checkpoint header (`shapes`) differs from what the layer will be
+    built with (U: out × r, λ: r, V: in × r; ΔW₀'s rank is the checkpoint's own), as the load-time check words them."""
+    prefix = f"base_model.model.{key}."
+    expected = {"lra_U": (out_features, r), "lra_lambda": (r,), "lra_V": (in_features, r),
+                "lra_U0": (out_features, r), "lra_lambda0": (r,), "lra_V0": (in_features, r)}
+    wrong = []
+    for factor, want in expected.items():
+        found = shapes.get(prefix + factor)
+        if found is None:
+            continue  # missing factors are reported after loading, with the others (see _check_checkpoint_factors)
+        fits = len(found) == len(want) and (found[:-1] == want[:-1] if factor.endswith("0") else found == want)
+        if not fits:
+            wrong.append(f"{key}.{factor}: {found} in the checkpoint, {want} in the model")
+    return wrong
+
+
+def _shape_error(adapter_name: str, config: LRAConfig, wrong_shape: list[str]) -> ValueError:
+    more = f" (and {len(wrong_shape) - 5} more)" if len(wrong_shape) > 5 else ""
+    return ValueError(
+        f"The LRA adapter {adapter_name!r} does not fit this model: {'; '.join(wrong_shape[:5])}{more}. It was "
+        f"saved from a model with other layer sizes (base_model_name_or_path="
+        f"{config.base_model_name_or_path!r}) or its adapter_config.json was edited; load it onto the base "
+        "model it was trained on. Nothing was loaded."
+    )
 
 
 def _same_factors(layer: LRALayer, adapter_name: str, factors: dict[str, torch.Tensor]) -> bool:
@@ -132,6 +161,9 @@ class LRAModel(BaseTuner):
 
     def _validate_targets(self, model: nn.Module, adapter_name: str) -> None:
         config = self.peft_config[adapter_name]
+        # Compared before any layer is built: an edited r (say 10⁶) would otherwise allocate r-sized factors first.
+        shapes = checkpoint_shapes() if config._from_checkpoint else None
+        wrong_shape: list[str] = []
         owners_of_weight: dict[int, list[str]] = {}
         if config.decomposes_base and not config._from_checkpoint:
             for name, mod in model.named_modules():
@@ -165,6 +197,8 @@ class LRAModel(BaseTuner):
                 )
             r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), key), config.r)
             in_features, out_features = _matrix_dims(base, layer_type)
+            if shapes is not None:
+                wrong_shape += _header_mismatches(shapes, key, r, in_features, out_features)
             if config.decomposes_base and not config._from_checkpoint:
                 # The base layer of an already adapted module (`key.base_layer`) is that module itself, not a tie.
                 sharing = [n for n in owners_of_weight.get(id(getattr(base, "weight", None)), [])
@@ -190,6 +224,8 @@ class LRAModel(BaseTuner):
                         f"init_weights={config.init_weights!r} has no {r} singular triplets to take. Lower r or set "
                         "a smaller rank for this module in rank_pattern."
                     )
+        if wrong_shape:
+            raise _shape_error(adapter_name, config, wrong_shape)
 
     def _no_match_error(self, model: nn.Module, adapter_name: str) -> ValueError:
         config = self.peft_config[adapter_name]
@@ -402,13 +438,7 @@ class LRAModel(BaseTuner):
                 "adapter; save or download the adapter again. Nothing was loaded."
             )
         if wrong_shape:
-            more = f" (and {len(wrong_shape) - 5} more)" if len(wrong_shape) > 5 else ""
-            raise ValueError(
-                f"The LRA adapter {adapter_name!r} does not fit this model: {'; '.join(wrong_shape[:5])}{more}. It was "
-                f"saved from a model with other layer sizes (base_model_name_or_path="
-                f"{config.base_model_name_or_path!r}) or its adapter_config.json was edited; load it onto the base "
-                "model it was trained on. Nothing was loaded."
-            )
+            raise _shape_error(adapter_name, config, wrong_shape)
         if not_finite:
             raise ValueError(
                 f"The LRA adapter {adapter_name!r} holds NaN or Inf values in {', '.join(not_finite[:5])}; it is "

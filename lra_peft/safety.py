@@ -5,11 +5,13 @@
 * `PeftConfig.from_json_file` (every PEFT method): a malformed `adapter_config.json` raises an `AdapterFileError`
   naming the file instead of a bare `json.JSONDecodeError` (both are `ValueError`s).
 * `PeftModel.from_pretrained` / `PeftModel.load_adapter`: a local folder without `adapter_config.json` is named as
-  such. For LRA adapters also:
+  such, and so is a symbolic link to a folder or to nothing where a file or folder is expected. For LRA adapters also:
 
   - weights are read from `adapter_model.safetensors`; an `adapter_model.bin` (pickle) is refused unless the
     environment sets `LRA_PEFT_ALLOW_BIN=1`, and is then read with `torch.load(weights_only=True)`;
   - a truncated or corrupted safetensors file raises an `AdapterFileError` naming it, before the model is touched;
+  - the tensor shapes in the safetensors header are compared with the layers the config describes before any is
+    built (`checkpoint_shapes`), so an edited `r` is refused without allocating r-sized factors;
   - any failure (a file error, shapes that do not fit, see `LRAModel._remap_adapter_state_dict_for_load`, even a
     `KeyboardInterrupt`) puts the model back as it was: no LRA layer, `ModulesToSaveWrapper`, `peft_config`
     attribute or `requires_grad` change is left behind, and an adapter being re-loaded keeps its old values.
@@ -40,7 +42,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from ._io import make_temp_dir, normalize_permissions
+from ._io import errors_naming, make_temp_dir, normalize_permissions, not_a_file
 
 ALLOW_BIN_ENV = "LRA_PEFT_ALLOW_BIN"
 CONFIG_NAME = "adapter_config.json"
@@ -51,11 +53,23 @@ BIN_NAME = "adapter_model.bin"
 _LRA_LOAD: contextvars.ContextVar[bool] = contextvars.ContextVar("lra_peft_lra_load", default=False)
 # True inside a guarded load, so that PeftModel.from_pretrained's own call of load_adapter is not guarded twice.
 _GUARDED: contextvars.ContextVar[bool] = contextvars.ContextVar("lra_peft_guarded", default=False)
+# Tensor name -> shape, from the header of the local adapter file a guarded load reads (None: not known).
+_CHECKPOINT_SHAPES: contextvars.ContextVar[Optional[dict[str, tuple[int, ...]]]] = contextvars.ContextVar(
+    "lra_peft_checkpoint_shapes", default=None)
 
 
 def loading_lra_adapter() -> bool:
     """True while `PeftModel.from_pretrained` / `load_adapter` loads an LRA adapter."""
     return _LRA_LOAD.get()
+
+
+def checkpoint_shapes() -> Optional[dict[str, tuple[int, ...]]]:
+    """The tensor shapes in the header of the local adapter file being loaded, or None (a Hub adapter, a `.bin`).
+
+    Read before PEFT builds the layers, so that `LRAModel` can refuse a config whose ranks do not fit the file
+    (say r edited to 10⁶) without first allocating layers of that size.
+    """
+    return _CHECKPOINT_SHAPES.get()
 
 
 class AdapterFileError(ValueError):
@@ -103,13 +117,13 @@ def read_config_file(path: Union[str, os.PathLike]) -> dict:
     return data
 
 
-def check_safetensors_file(path: Union[str, os.PathLike]) -> list[str]:
-    """Check that `path` is a complete safetensors file (header only, cheap); return its tensor names."""
+def check_safetensors_file(path: Union[str, os.PathLike]) -> dict[str, tuple[int, ...]]:
+    """Check that `path` is a complete safetensors file (header only, cheap); return its tensors' names and shapes."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return list(handle.keys())
+            return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
     except Exception as exc:  # noqa: BLE001 - SafetensorError and OSError alike mean "cannot be read"
         raise AdapterFileError(
             f"{path} cannot be read as safetensors ({exc}): the file is truncated (an interrupted save or download) "
@@ -134,6 +148,18 @@ def load_weights_file(path: Union[str, os.PathLike], device: str = "cpu") -> dic
     return torch.load(path, map_location=device, weights_only=True)
 
 
+def not_a_file_error(path: Union[str, os.PathLike]) -> Optional[AdapterFileError]:
+    """The error for an adapter file that is there but is not a file (a folder, a link to one, a broken link), saying
+    what it is rather than that it is missing; None when it is a file or not there at all."""
+    problem = not_a_file(path)
+    if problem is None:
+        return None
+    # A broken link is still a missing file for code that catches FileNotFoundError; its message says which.
+    cls = AdapterFileNotFoundError if not Path(path).exists() else AdapterFileError
+    return cls(f"{problem}; the adapter needs {Path(path).name} to be a file. Fix the link, or save or download the "
+               "adapter again.")
+
+
 def find_weights_file(folder: Union[str, os.PathLike]) -> Optional[Path]:
     """The adapter weights file of a local adapter folder (safetensors preferred), or None."""
     folder = Path(folder)
@@ -147,12 +173,18 @@ def _local_folder(model_id: Any, subfolder: Optional[str]) -> Optional[Path]:
     if not isinstance(model_id, (str, os.PathLike)):
         return None
     path = Path(model_id).expanduser() / (subfolder or "")
+    if path.is_symlink() and not path.exists():
+        # Not a Hub id either: say what it is rather than "Can't find adapter_config.json".
+        raise AdapterFileNotFoundError(f"{not_a_file(path)}; pass the folder that PeftModel.save_pretrained wrote")
     return path if path.is_dir() else None
 
 
 def _check_local_adapter(folder: Path) -> dict:
     """adapter_config.json of a local adapter folder, with clear errors for a missing or malformed file."""
     config_file = folder / CONFIG_NAME
+    problem = not_a_file_error(config_file)
+    if problem is not None:
+        raise problem
     if not config_file.is_file():
         present = sorted(p.name for p in folder.iterdir())[:10]
         raise AdapterFileNotFoundError(
@@ -162,16 +194,18 @@ def _check_local_adapter(folder: Path) -> dict:
     return read_config_file(config_file)
 
 
-def _check_local_lra_weights(folder: Path) -> None:
-    """Refuse a pickle-only or damaged LRA adapter folder before anything is changed."""
+def _check_local_lra_weights(folder: Path) -> Optional[dict[str, tuple[int, ...]]]:
+    """Refuse a pickle-only or damaged LRA adapter folder before anything is changed; the safetensors file's tensor
+    shapes (None for a `.bin`)."""
     weights = find_weights_file(folder)
     if weights is None:
-        raise AdapterFileNotFoundError(f"{folder} has {CONFIG_NAME} but no {SAFETENSORS_NAME}; save the adapter "
-                                       "again")
+        raise not_a_file_error(folder / SAFETENSORS_NAME) or AdapterFileNotFoundError(
+            f"{folder} has {CONFIG_NAME} but no {SAFETENSORS_NAME}; save the adapter again")
     if weights.name == BIN_NAME and not bin_allowed():
         raise _bin_refused(weights)
     if weights.name == SAFETENSORS_NAME:
-        check_safetensors_file(weights)
+        return check_safetensors_file(weights)
+    return None
 
 
 def _is_lra_type(peft_type: Any) -> bool:
@@ -268,11 +302,12 @@ def restore_on_error(model: nn.Module, adapter_name: Optional[str] = None) -> It
 
 
 @contextmanager
-def _lra_load_context(is_lra: bool) -> Iterator[None]:
-    guarded, lra = _GUARDED.set(True), _LRA_LOAD.set(is_lra)
+def _lra_load_context(is_lra: bool, shapes: Optional[dict[str, tuple[int, ...]]] = None) -> Iterator[None]:
+    guarded, lra, known = _GUARDED.set(True), _LRA_LOAD.set(is_lra), _CHECKPOINT_SHAPES.set(shapes)
     try:
         yield
     finally:
+        _CHECKPOINT_SHAPES.reset(known)
         _LRA_LOAD.reset(lra)
         _GUARDED.reset(guarded)
 
@@ -355,8 +390,9 @@ def atomic_save_dir(save_directory: Union[str, os.PathLike]) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(final.parent, final.name)
     try:
-        yield tmp
-        commit_folder(tmp, final)
+        with errors_naming(final, tmp):
+            yield tmp
+            commit_folder(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -405,9 +441,8 @@ def install_safety_hooks() -> None:
         if not is_lra:
             return original_from_pretrained(cls, model, model_id, *args, **kwargs)
         folder = _local_folder(model_id, hub_kwargs.get("subfolder"))
-        if folder is not None:
-            _check_local_lra_weights(folder)
-        with _lra_load_context(True):
+        shapes = _check_local_lra_weights(folder) if folder is not None else None
+        with _lra_load_context(True, shapes):
             try:
                 with restore_on_error(model):
                     return original_from_pretrained(cls, model, model_id, *args, **kwargs)
@@ -429,9 +464,8 @@ def install_safety_hooks() -> None:
         if not is_lra:
             return original_load_adapter(self, model_id, adapter_name, *args, **kwargs)
         folder = _local_folder(model_id, hub_kwargs.get("subfolder"))
-        if folder is not None:
-            _check_local_lra_weights(folder)
-        with _lra_load_context(True):
+        shapes = _check_local_lra_weights(folder) if folder is not None else None
+        with _lra_load_context(True, shapes):
             try:
                 with restore_on_error(self, adapter_name if existing is not None else None):
                     return original_load_adapter(self, model_id, adapter_name, *args, **kwargs)

@@ -200,17 +200,23 @@ def read_adapter_config(adapter_dir: Union[str, os.PathLike]) -> dict:
     """adapter_config.json of `adapter_dir` as a dict, with clear errors for a missing folder or file."""
     path = Path(adapter_dir).expanduser()
     if not path.exists():
+        if path.is_symlink():
+            raise FileNotFoundError(f"adapter folder {str(path)!r} is a symbolic link to {os.readlink(path)}, which "
+                                    "does not exist (a broken link)")
         raise FileNotFoundError(f"adapter folder {str(path)!r} does not exist")
     if not path.is_dir():
         raise NotADirectoryError(f"{str(path)!r} is a file; pass the adapter folder that holds {ADAPTER_CONFIG_NAME}")
     config_file = path / ADAPTER_CONFIG_NAME
+    from .safety import not_a_file_error, read_config_file  # the same clear errors as loading with PEFT
+
+    problem = not_a_file_error(config_file)
+    if problem is not None:
+        raise problem
     if not config_file.is_file():
         raise FileNotFoundError(
             f"{str(path)!r} has no {ADAPTER_CONFIG_NAME}, so it is not a saved PEFT adapter (save one with "
             "PeftModel.save_pretrained)"
         )
-    from .safety import read_config_file  # the same clear errors as loading with PEFT
-
     return read_config_file(config_file)
 
 
@@ -224,11 +230,12 @@ def snapshot_from_dir(adapter_dir: Union[str, os.PathLike]) -> AdapterSnapshot:
             f"peft_type={peft_type!r}); this works on adapters saved from an LRA model"
         )
     config = LRAConfig.from_pretrained(str(path))
-    from .safety import find_weights_file, load_weights_file
+    from .safety import find_weights_file, load_weights_file, not_a_file_error
 
     weights_file = find_weights_file(path)
     if weights_file is None:
-        raise FileNotFoundError(f"{str(path)!r} has {ADAPTER_CONFIG_NAME} but no {SAFETENSORS_NAME}")
+        raise not_a_file_error(path / SAFETENSORS_NAME) or FileNotFoundError(
+            f"{str(path)!r} has {ADAPTER_CONFIG_NAME} but no {SAFETENSORS_NAME}")
     # Safetensors only, with a clear error for a damaged file; a pickle .bin needs LRA_PEFT_ALLOW_BIN=1.
     state = load_weights_file(weights_file)
     layers, extra = _split_state_dict(state, str(path))

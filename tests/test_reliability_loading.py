@@ -8,6 +8,8 @@ import json
 import math
 import re
 import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -206,6 +208,51 @@ def test_adapter_with_edited_rank_names_the_layer(saved: dict, tmp_path: Path) -
                                          r"\(32, 2\) in the model"):
         PeftModel.from_pretrained(base, edited)
     assert_unchanged(base, before)
+
+
+_PEAK_RSS_OF_A_LOAD = """
+import sys
+sys.path.insert(0, sys.argv[2])
+from conftest import make_bert_seq_cls
+from peft import PeftModel
+
+def peak_kib():
+    # VmHWM is this process's own peak; ru_maxrss would carry the parent's over the fork.
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+
+base = make_bert_seq_cls()
+before = peak_kib()
+try:
+    PeftModel.from_pretrained(base, sys.argv[1])
+except ValueError as exc:
+    print("refused:", exc)
+print("grew_kib", peak_kib() - before)
+"""
+
+
+def test_adapter_with_a_huge_edited_rank_is_refused_before_any_layer_is_built(saved: dict, tmp_path: Path) -> None:
+    # r = 10**6 on 32-wide layers would build 4 layers × 6 factors of 32 × 10**6 floats (~2 GB) before the load-time
+    # shape check; the header check refuses it first.
+    edited = _copy(saved["path"], tmp_path / "edited")
+    data = json.loads((edited / "adapter_config.json").read_text())
+    data["r"] = 10**6
+    (edited / "adapter_config.json").write_text(json.dumps(data))
+    base = make_bert_seq_cls()
+    before = record(base)
+    with pytest.raises(ValueError, match=r"does not fit this model: bert\.encoder\.layer\.0\.attention\.self\.query"
+                                         r"\.lra_U: \(32, 4\) in the checkpoint, \(32, 1000000\) in the model.*Nothing "
+                                         r"was loaded"):
+        PeftModel.from_pretrained(base, edited)
+    assert_unchanged(base, before)
+    script = tmp_path / "load.py"
+    script.write_text(_PEAK_RSS_OF_A_LOAD)
+    proc = subprocess.run([sys.executable, str(script), str(edited), str(REPO / "tests")], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "refused: The LRA adapter 'default' does not fit this model" in proc.stdout
+    grew_mib = int(proc.stdout.split("grew_kib")[-1]) / 1024
+    assert grew_mib < 100, f"the refused load raised the peak memory by {grew_mib:.0f} MiB"
 
 
 def test_classifier_head_of_other_size_is_reported_and_changes_nothing(saved: dict) -> None:
@@ -453,3 +500,38 @@ def test_cli_reports_a_damaged_adapter_in_one_line_naming_the_file(saved: dict, 
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and str(broken) in err, err
     assert not (tmp_path / "lora").exists()
+
+
+@pytest.mark.parametrize("name, target, says", [
+    ("adapter_model.safetensors", "gone.safetensors", "which does not exist (a broken link)"),
+    ("adapter_model.safetensors", "a_folder", "which is a folder"),
+    ("adapter_config.json", "a_folder", "which is a folder"),
+    ("adapter_config.json", "gone.json", "which does not exist (a broken link)"),
+])
+def test_a_symlink_to_a_non_file_is_reported_as_what_it_is(saved: dict, tmp_path: Path, name: str, target: str,
+                                                           says: str, capsys: pytest.CaptureFixture) -> None:
+    """A Hub-cache-like folder of links whose blob is gone (or a link to a folder) is not reported as a missing file."""
+    from lra_peft.cli import main
+
+    bad = _copy(saved["path"], tmp_path / "bad")
+    (bad / "a_folder").mkdir()
+    (bad / name).unlink()
+    (bad / name).symlink_to(bad / target)
+    expected = f"{bad / name} is a symbolic link to {bad / target}, {says}"
+    base = make_bert_seq_cls()
+    before = record(base)
+    with pytest.raises(AdapterFileError, match=re.escape(expected)):
+        PeftModel.from_pretrained(base, bad)
+    assert_unchanged(base, before)
+    for command in (["inspect", str(bad)], ["export-lora", str(bad), str(tmp_path / "lora")]):
+        assert main(command) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and expected in err, err
+    assert not (tmp_path / "lora").exists()
+    (tmp_path / "link").symlink_to(tmp_path / "gone")  # the adapter folder itself
+    broken = f"is a symbolic link to {tmp_path / 'gone'}, which does not exist"
+    assert main(["inspect", str(tmp_path / "link")]) == 1
+    assert broken in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match=re.escape(broken)):
+        PeftModel.from_pretrained(base, tmp_path / "link")
+    assert_unchanged(base, before)

@@ -172,3 +172,78 @@ def test_saved_adapter_files_get_ordinary_permissions(tmp_path) -> None:
     assert stat.S_IMODE((tmp_path / "adapter").stat().st_mode) == 0o755
     assert stat.S_IMODE((tmp_path / "adapter" / "adapter_model.safetensors").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "card.md").stat().st_mode) == 0o644
+
+
+# ------------------------------------------------------------------------------- errors name the user's path
+def _deny(monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """Make one step of an atomic save fail as an unwritable folder would (the tests run as root: chmod cannot)."""
+    import os
+    import tempfile
+
+    if where == "create":  # the hidden temporary folder next to the output
+        def mkdtemp(suffix=None, prefix=None, dir=None):
+            raise PermissionError(13, "Permission denied", os.path.join(dir, f"{prefix}abc123"))
+
+        monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+    elif where == "write":  # a file inside it (PEFT's safetensors write)
+        def save(tensors, filename, metadata=None):
+            raise PermissionError(13, "Permission denied", filename)
+
+        monkeypatch.setattr(peft.peft_model, "safe_save_file", save)
+    else:  # the renames that publish it
+        real_replace = os.replace
+
+        def replace(src, dst):
+            if ".tmp-" in os.fspath(src):
+                raise PermissionError(13, "Permission denied", os.fspath(src), os.fspath(dst))
+            return real_replace(src, dst)
+
+        monkeypatch.setattr(os, "replace", replace)
+
+
+@pytest.mark.parametrize("where", ["create", "write", "rename"])
+def test_unwritable_output_errors_name_the_users_path_not_the_temporary_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    model = _model(0)
+    out = tmp_path / "lraout"
+    _deny(monkeypatch, where)
+    with pytest.raises(PermissionError) as info:
+        model.save_pretrained(out)
+    message = str(info.value)
+    assert str(out) in message and "Permission denied" in message
+    assert ".tmp" not in message
+    assert not (out / "adapter_config.json").exists()
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+def test_cli_and_file_writes_name_the_users_path_not_the_temporary_one(tmp_path: Path, capsys,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from lra_peft._io import atomic_write_bytes
+    from lra_peft.cli import main
+
+    _model(0).save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "lora"
+
+    def save_file(tensors, filename, metadata=None):  # safetensors' own wording for an unwritable folder
+        raise SafetensorError(f'Error while serializing: I/O error: Permission denied (os error 13) at path '
+                              f'"{filename}"')
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    assert main(["export-lora", str(tmp_path / "adapter"), str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f'"{out}/adapter_model.safetensors"' in err and ".tmp" not in err, err
+    assert not out.exists()
+
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (_ for _ in ()).throw(
+        PermissionError(13, "Permission denied", os.fspath(src), os.fspath(dst))))
+    with pytest.raises(PermissionError) as info:
+        atomic_write_bytes(tmp_path / "card.md", b"hello")
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert str(info.value) == f"[Errno 13] Permission denied: '{tmp_path / 'card.md'}'"
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name or p.name == "card.md"]
