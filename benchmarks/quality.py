@@ -115,6 +115,11 @@ def changed_defaults(recipe: Path, args: list[str], metrics: dict) -> list[str]:
     ignored = NOT_COMPARED | (LRA_ONLY if recorded.get("method") != "lra" else set())
     now = {k: v for k, v in vars(module.parse_args(args)).items() if k not in ignored}
     now = json.loads(json.dumps(now))  # tuples -> lists etc., as metrics.json stores them
+    # --num_train_epochs left out is planned from the data when the recipe runs (at least the task's default epochs,
+    # recipes/_common.py plan_schedule), and the run records the epochs it planned: a run that ran those is the same run.
+    if "num_train_epochs" in now and now["num_train_epochs"] is None \
+            and recorded.get("num_train_epochs") == metrics.get("epochs"):
+        now.pop("num_train_epochs")
     return [f"--{k} {recorded.get(k)!r} -> {v!r}" for k, v in now.items() if k in recorded and recorded[k] != v]
 
 

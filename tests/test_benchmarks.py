@@ -171,6 +171,20 @@ def test_quality_reruns_a_run_when_the_recipe_default_changed(tmp_path: Path, ca
     assert "test_accuracy 0.5000" in summary_rows(text, "lora")[0][3] and "sentiment-lora-seed0: rerun" not in out
 
 
+def test_a_finished_run_whose_epochs_the_recipe_planned_is_reused(tmp_path: Path) -> None:
+    """Left out, --num_train_epochs is planned from the data at run time and recorded as the epochs run: the sweep must
+    still see such a run as the same run (and reuse it), while a changed default is still caught."""
+    quality = load_script("quality")
+    recipe = BENCHMARKS.parent / "recipes" / "ner.py"
+    args = ["--method", "lra", "--seed", "0", "--output_dir", str(tmp_path / "o")]
+    recorded = json.loads(json.dumps(vars(quality._recipe_module(recipe).parse_args(args))))
+    assert recorded["num_train_epochs"] is None
+    recorded["num_train_epochs"] = 1  # what the run writes into metrics.json's args after planning CoNLL's 439 steps
+    assert quality.changed_defaults(recipe, args, {"args": recorded, "epochs": 1}) == []
+    recorded["learning_rate"] = 5e-4
+    assert quality.changed_defaults(recipe, args, {"args": recorded, "epochs": 1}) == ["--learning_rate 0.0005 -> 0.001"]
+
+
 def test_device_check_passes_on_the_cpu_with_a_tiny_bert(tmp_path: Path) -> None:
     """The GPU script's checks, run here on the CPU: bf16, int8 and nf4 bases of a tiny BERT."""
     require("bitsandbytes")
