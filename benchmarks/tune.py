@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import REPO_ROOT, RESULTS_DIR, LoadRecorder, machine_lines, markdown_table, write_result  # noqa: E402
-from quality import FULL, METHOD_FLAGS, PRIMARY, recipe_args, run_one  # noqa: E402
+from quality import FULL, METHOD_FLAGS, PRIMARY, changed_defaults, recipe_args, run_one  # noqa: E402
 
 SCHEDULES = {
     "linear": ("linear", False),
@@ -54,6 +54,32 @@ def archive(name: str, metrics: dict) -> None:
     (ARCHIVE / f"{name}.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
 
 
+def _without_output_dir(args: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == "--output_dir":
+            skip = True
+        elif a != "--overwrite_output_dir":
+            out.append(a)
+    return out
+
+
+def archived(name: str, recipe: Path, run_args: list[str]) -> dict | None:
+    """The archived metrics.json of a cell run earlier with the same flags (its run folder may be gone: the archive is
+    what a fresh checkout has), or None when there is none or the recipe now resolves its flags differently."""
+    path = ARCHIVE / f"{name}.json"
+    if not path.exists():
+        return None
+    metrics = json.loads(path.read_text())
+    command = metrics.get("command", "").split()
+    ran = command[command.index(str(recipe.relative_to(REPO_ROOT))) + 1:] if command else []
+    if _without_output_dir(ran) != _without_output_dir(run_args) or changed_defaults(recipe, run_args, metrics):
+        return None
+    return metrics
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", required=True)
@@ -62,6 +88,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--schedules", default="linear", help=f"comma list of {', '.join(SCHEDULES)}")
     parser.add_argument("--warmup_steps", type=int, default=0, help="warm-up of the +warmup schedules, in steps")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--tag", default="", help="appended to the cell names, for cells that differ by the flags after --")
     parser.add_argument("--runs-dir", default=str(REPO_ROOT / "outputs" / "tune"))
     parser.add_argument("--existing-only", action="store_true", help="run nothing; tabulate the cells already run")
     parser.add_argument("--out", default=None)
@@ -81,11 +108,13 @@ def main(argv: list[str] | None = None) -> str:
     for method in args.methods.split(","):
         for lr in args.learning_rates.split(","):
             for schedule in schedules:
-                name = cell_name(args.recipe, method, lr, schedule, args.seed)
+                name = cell_name(args.recipe, method, lr, schedule, args.seed) + (f"-{args.tag}" if args.tag else "")
                 run_args = recipe_args(method, args.seed, FULL, runs_dir / name,
                                        cell_flags(lr, schedule, args.warmup_steps) + extra)
-                metrics = run_one(recipe, run_args, runs_dir / name, "accelerate", False, runs_dir / "logs",
-                                  args.existing_only)
+                metrics = None if (runs_dir / name / "metrics.json").exists() else archived(name, recipe, run_args)
+                if metrics is None:
+                    metrics = run_one(recipe, run_args, runs_dir / name, "accelerate", False, runs_dir / "logs",
+                                      args.existing_only)
                 if metrics is None:
                     rows.append([method, lr, schedule, "not run", ""])
                     continue

@@ -362,3 +362,20 @@ def test_device_check_launches_the_fsdp_and_zero3_configs_with_the_single_proces
     assert load_config_from_file(str(configs / "fsdp.yaml")).fsdp_config["fsdp_version"] == 2
     assert load_config_from_file(str(configs / "zero3.yaml")).deepspeed_config["zero_stage"] == 3
     assert load_config_from_file(str(configs / "multinode.yaml")).num_machines == 2
+
+
+def test_tune_reuses_an_archived_cell_only_with_the_same_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The grid's run folders do not survive a fresh checkout; the archived metrics.json does, and stands for the cell
+    # only when it ran with the cell's flags (output folder aside).
+    tune = load_script("tune")
+    monkeypatch.setattr(tune, "ARCHIVE", tmp_path)
+    recipe = tune.REPO_ROOT / "recipes" / "ner.py"
+    flags = tune.cell_flags("2e-3", "constant+warmup", 26)
+    ran = ["--method", "lra", "--seed", "42", "--output_dir", "/elsewhere/cell", *flags]
+    (tmp_path / "cell.json").write_text(json.dumps({"command": f"accelerate launch recipes/ner.py {' '.join(ran)}",
+                                                    "eval_f1": 0.8}))
+    now = ["--method", "lra", "--seed", "42", "--output_dir", str(tmp_path / "runs" / "cell"), *flags]
+    assert tune.archived("cell", recipe, now)["eval_f1"] == 0.8
+    assert tune.archived("cell", recipe, [*now, "--distill_alpha", "0.5"]) is None
+    assert tune.archived("cell", recipe, [a if a != "2e-3" else "1e-3" for a in now]) is None
+    assert tune.archived("other", recipe, now) is None
