@@ -140,6 +140,50 @@ def _move_contents(src: Path, dst: Path) -> None:
             os.replace(item, target)
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a file's (or a folder's) data to disk, where the file system supports it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # not every file system supports fsync (of folders)
+    finally:
+        os.close(fd)
+
+
+def temp_dir_beside(final: Path) -> Path:
+    """The (emptied) temporary folder `.<name>.tmp` next to `final`, to fill and then `swap_in_dir` into place.
+
+    Its name is fixed, not random, so that a run killed mid-write leaves at most one stale copy, which the next
+    call removes."""
+    tmp = final.parent / f".{final.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    return tmp
+
+
+def swap_in_dir(tmp: Path, final: Path) -> None:
+    """Replace the folder `final` (if any) by the filled folder `tmp`, by renames only: a reader sees the old folder
+    or the new one, never a mix. The files are on disk before the rename makes them visible."""
+    for path in tmp.rglob("*"):
+        if path.is_file():
+            fsync_path(path)
+    fsync_path(tmp)
+    if final.exists():
+        old = final.parent / f".{final.name}.old"
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    fsync_path(final.parent)
+
+
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     """Write `data` to `path` through a temporary file in the same folder, then `os.replace`."""
     path = Path(path)
@@ -149,6 +193,8 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
         with errors_naming(path, tmp):
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
             os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -33,6 +33,8 @@ from _calibration import DATA_AWARE_INITS, DEFAULT_CALIBRATION_SAMPLES, Calibrat
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
+from lra_peft._io import swap_in_dir, temp_dir_beside
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA_ROOT = REPO_ROOT.parent / "shared" / "data"
 DATA_ENV_VAR = "LRA_DATA_DIR"
@@ -741,25 +743,9 @@ def _replace_earlier_outputs(output_dir: Path, final_files: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- checkpoints
-def atomic_dir(final: Path) -> Path:
-    """A fresh temporary folder next to `final`, to fill and then `commit_dir` into place."""
-    tmp = final.parent / f".{final.name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    return tmp
-
-
-def commit_dir(tmp: Path, final: Path) -> None:
-    """Move a filled temporary folder onto `final` with renames only, so `final` is never half written."""
-    if final.exists():
-        old = final.parent / f".{final.name}.old"
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
+# One atomic-folder helper for the library and the recipes (lra_peft/_io.py); the names stay for readers of this file.
+atomic_dir = temp_dir_beside
+commit_dir = swap_in_dir
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
