@@ -98,7 +98,7 @@ def read_run(path: Path, task: str) -> tuple[argparse.Namespace, dict]:
 def load_trained(model_cls: Any, path: Path, args: argparse.Namespace, model_name_or_path: Optional[str],
                  prepare: Callable[[torch.nn.Module], None] = lambda model: None, **kwargs: Any) -> torch.nn.Module:
     """The run's model as it was evaluated: the base with the saved adapter, or the saved full model."""
-    import _common as C
+    from common.methods import resolve_model
     from peft import PeftModel
 
     import lra_peft  # noqa: F401  (registers LRA with PEFT)
@@ -107,7 +107,7 @@ def load_trained(model_cls: Any, path: Path, args: argparse.Namespace, model_nam
         model = model_cls.from_pretrained(path, **kwargs)
         prepare(model)
         return model.eval()
-    model = model_cls.from_pretrained(C.resolve_model(model_name_or_path or args.model_name_or_path), **kwargs)
+    model = model_cls.from_pretrained(resolve_model(model_name_or_path or args.model_name_or_path), **kwargs)
     prepare(model)
     return PeftModel.from_pretrained(model, path).eval()
 
@@ -120,16 +120,17 @@ def label_kwargs(path: Path) -> tuple[list[str], dict[str, Any]]:
 
 def predict(model: torch.nn.Module, features: list[dict], collator: Any, batch_size: int) -> dict[int, tuple]:
     """The recipe's own prediction loop (same batches, so the same padding): {example index: (argmax, labels)}."""
-    import _common as C
     from accelerate import Accelerator
+    from common.batching import IndexedCollator, eval_dataloader
+    from common.batching import predict as recipe_predict
 
-    loader = C.eval_dataloader(features, C.IndexedCollator(collator), batch_size)
-    return C.predict(Accelerator(cpu=True), model, loader)
+    loader = eval_dataloader(features, IndexedCollator(collator), batch_size)
+    return recipe_predict(Accelerator(cpu=True), model, loader)
 
 
 def classification_scores(path: Path, task: str, args: argparse.Namespace,
                           model_name_or_path: Optional[str]) -> dict[str, Scored]:
-    import _common as C
+    from common.data import take
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
     splits, _ = __import__(task).load_splits(args)
@@ -138,7 +139,7 @@ def classification_scores(path: Path, task: str, args: argparse.Namespace,
     model = load_trained(AutoModelForSequenceClassification, path, args, model_name_or_path, **kwargs)
     out = {}
     for split in SPLITS:
-        rows = C.take(splits[split], args.max_eval_samples)
+        rows = take(splits[split], args.max_eval_samples)
         encoded = tokenizer([text for text, _ in rows], truncation=True, max_length=args.max_length)
         features = [{"input_ids": encoded["input_ids"][i], "attention_mask": encoded["attention_mask"][i],
                      "labels": kwargs["label2id"][label], "index": i} for i, (_, label) in enumerate(rows)]
@@ -150,8 +151,8 @@ def classification_scores(path: Path, task: str, args: argparse.Namespace,
 
 def ner_scores(path: Path, args: argparse.Namespace, model_name_or_path: Optional[str]) -> dict[str, Scored]:
     """Per sentence: true positive, false positive and false negative entities (seqeval's entity extraction)."""
-    import _common as C
     import ner
+    from common.data import take
     from seqeval.metrics.sequence_labeling import get_entities
     from transformers import AutoModelForTokenClassification, AutoTokenizer, DataCollatorForTokenClassification
 
@@ -161,7 +162,7 @@ def ner_scores(path: Path, args: argparse.Namespace, model_name_or_path: Optiona
     model = load_trained(AutoModelForTokenClassification, path, args, model_name_or_path, **kwargs)
     out = {}
     for split in SPLITS:
-        sentences = C.take(splits[split], args.max_eval_samples)
+        sentences = take(splits[split], args.max_eval_samples)
         features = ner.tokenize(tokenizer, sentences, kwargs["label2id"], args.max_length)
         predictions = predict(model, features, DataCollatorForTokenClassification(tokenizer),
                               args.per_device_eval_batch_size)

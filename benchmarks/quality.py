@@ -95,7 +95,7 @@ def recipe_args(method: str, seed: int, budget: Budget, output_dir: Path, extra:
 
 # Paths that the recipe resolves after parsing, or that name where the run went: not defaults that change results.
 NOT_COMPARED = {"output_dir", "model_name_or_path", "data_dir", "overwrite_output_dir"}
-# Recipe flags that only --method lra reads (recipes/_common.py): a new default for them leaves other methods' runs valid.
+# Recipe flags that only --method lra reads (recipes/common/args.py): a new default for them leaves other methods' runs valid.
 LRA_ONLY = {"init_weights", "uv_lr_scale", "uv_gain", "calibration_samples"}
 
 
@@ -116,7 +116,7 @@ def changed_defaults(recipe: Path, args: list[str], metrics: dict) -> list[str]:
     now = {k: v for k, v in vars(module.parse_args(args)).items() if k not in ignored}
     now = json.loads(json.dumps(now))  # tuples -> lists etc., as metrics.json stores them
     # --num_train_epochs left out is planned from the data when the recipe runs (at least the task's default epochs,
-    # recipes/_common.py plan_schedule), and the run records the epochs it planned: a run that ran those is the same run.
+    # recipes/common/schedule.py plan_schedule), and the run records the epochs it planned: a run that ran those is the same run.
     if "num_train_epochs" in now and now["num_train_epochs"] is None \
             and recorded.get("num_train_epochs") == metrics.get("epochs"):
         now.pop("num_train_epochs")
@@ -130,7 +130,7 @@ def _recipe_module(recipe: Path) -> Any:
     if recipe not in _MODULES:
         import importlib.util
 
-        sys.path.insert(0, str(recipe.parent))  # the recipes import their shared `_common`
+        sys.path.insert(0, str(recipe.parent))  # the recipes import their shared `common` package
         try:
             spec = importlib.util.spec_from_file_location(f"_quality_recipe_{recipe.stem}", recipe)
             module = importlib.util.module_from_spec(spec)

@@ -32,14 +32,23 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-import _common as C
 import torch
 import torch.nn.functional as F
+from common.args import TaskDefaults
+from common.args import parse_args as parse_recipe_args
+from common.batching import eval_dataloader
+from common.data import load_hub_dataset, require_nonempty, take
+from common.errors import RecipeError, run_main
+from common.loop import make_accelerator, train
+from common.methods import apply_method, load_model, load_tokenizer
+from common.outputs import RunOutputs, save_outputs
+from common.schedule import plan_schedule
 from torch import nn
+from transformers import AutoModelForCausalLM
 
-DEFAULTS = C.TaskDefaults(dataset="instruct", learning_rate=2e-4, full_learning_rate=2e-5, num_train_epochs=1,
-                          per_device_train_batch_size=8, per_device_eval_batch_size=8, max_length=512,
-                          init_weights="principal", target_modules="all-linear", output_dir="outputs/instruct")
+DEFAULTS = TaskDefaults(dataset="instruct", learning_rate=2e-4, full_learning_rate=2e-5, num_train_epochs=1,
+                        per_device_train_batch_size=8, per_device_eval_batch_size=8, max_length=512,
+                        init_weights="principal", target_modules="all-linear", output_dir="outputs/instruct")
 # Role headers of the plain template (tokenizers without a chat template, e.g. base models).
 PLAIN_HEADERS = {"system": "### System:\n", "user": "### Instruction:\n", "assistant": "### Response:\n"}
 GENERATIONS_FILE = "generations.jsonl"
@@ -68,7 +77,7 @@ Messages = list[dict[str, str]]
 def read_jsonl(path: Path) -> list[Messages]:
     """Examples of a JSONL file as chat messages; a bad line raises a `RecipeError` naming file and line."""
     if not path.is_file():
-        raise C.RecipeError(f"{path} does not exist; pass --train_file/--validation_file <JSONL file>")
+        raise RecipeError(f"{path} does not exist; pass --train_file/--validation_file <JSONL file>")
     examples = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -77,7 +86,7 @@ def read_jsonl(path: Path) -> list[Messages]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise C.RecipeError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+                raise RecipeError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
             examples.append(to_messages(row, f"{path}:{lineno}"))
     return examples
 
@@ -91,34 +100,34 @@ def to_messages(row: Any, where: str) -> Messages:
             isinstance(m, dict) and m.get("role") in PLAIN_HEADERS and isinstance(m.get("content"), str)
             for m in messages) and messages[-1]["role"] == "assistant"):
         return [{"role": m["role"], "content": m["content"]} for m in messages]
-    raise C.RecipeError(f"{where}: expected {{\"prompt\": str, \"response\": str}} or {{\"messages\": [{{\"role\": "
-                        "\"user\", \"content\": str}, ..., {\"role\": \"assistant\", \"content\": str}]}} (roles "
-                        f"system/user/assistant, the last one the assistant's), got {str(row)[:200]}")
+    raise RecipeError(f"{where}: expected {{\"prompt\": str, \"response\": str}} or {{\"messages\": [{{\"role\": "
+                      "\"user\", \"content\": str}, ..., {\"role\": \"assistant\", \"content\": str}]}} (roles "
+                      f"system/user/assistant, the last one the assistant's), got {str(row)[:200]}")
 
 
 def load_splits(args: argparse.Namespace) -> tuple[dict[str, list[Messages]], dict[str, str]]:
     """{train, validation: examples}, and where each split came from."""
     if args.dataset_name:
-        hub = C.load_hub_dataset(args)
+        hub = load_hub_dataset(args)
         raw = {}
         for split, names in (("train", ("train",)), ("validation", ("validation", "test"))):
             name = next((n for n in names if n in hub), None)
             if name is not None:
                 raw[split] = [to_messages(row, f"{args.dataset_name}[{name}] row {i}") for i, row in enumerate(hub[name])]
         if "train" not in raw:
-            raise C.RecipeError(f"dataset {args.dataset_name!r} has no 'train' split (it has {list(hub)})")
+            raise RecipeError(f"dataset {args.dataset_name!r} has no 'train' split (it has {list(hub)})")
         where = {split: f"{args.dataset_name}[{split}]" for split in raw}
     else:
         if not args.train_file:
-            raise C.RecipeError("no training data: pass --train_file <JSONL with prompt/response or messages per "
-                                "line> (or --dataset_name <Hub dataset>)")
+            raise RecipeError("no training data: pass --train_file <JSONL with prompt/response or messages per "
+                              "line> (or --dataset_name <Hub dataset>)")
         raw = {"train": read_jsonl(Path(args.train_file))}
         where = {"train": args.train_file}
         if args.validation_file:
             raw["validation"], where["validation"] = read_jsonl(Path(args.validation_file)), args.validation_file
     if "validation" not in raw:
         if not 0 < args.validation_split_percentage < 100:
-            raise C.RecipeError(f"--validation_split_percentage={args.validation_split_percentage} must be in (0, 100)")
+            raise RecipeError(f"--validation_split_percentage={args.validation_split_percentage} must be in (0, 100)")
         order = list(range(len(raw["train"])))
         random.Random(args.split_seed).shuffle(order)
         k = min(len(order) - 1, max(1, round(len(order) * args.validation_split_percentage / 100)))
@@ -147,9 +156,9 @@ def prompt_and_answer_ids(tokenizer: Any, messages: Messages) -> tuple[list[int]
         prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
         full = tokenizer.apply_chat_template(messages, tokenize=False)
         if not full.startswith(prompt):
-            raise C.RecipeError("the tokenizer's chat template renders the conversation without its generation "
-                                "prompt as a prefix, so the answer cannot be told apart from the prompt; use a "
-                                "tokenizer whose template does, or remove its chat_template to use the plain one")
+            raise RecipeError("the tokenizer's chat template renders the conversation without its generation "
+                              "prompt as a prefix, so the answer cannot be told apart from the prompt; use a "
+                              "tokenizer whose template does, or remove its chat_template to use the plain one")
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         answer_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
         return prompt_ids, answer_ids
@@ -244,7 +253,7 @@ class Evaluator:
         longest = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in self.answers)
         self.exact_match = 0 < longest <= args.exact_match_max_tokens
         self.answer_tokens = longest + 2  # room for the end-of-turn tokens a correct answer ends with
-        self.loader = accelerator.prepare(C.eval_dataloader(
+        self.loader = accelerator.prepare(eval_dataloader(
             self.features, InstructionCollator(tokenizer.pad_token_id), args.per_device_eval_batch_size))
         order = list(range(len(examples)))
         self.prompt_loader = accelerator.prepare(torch.utils.data.DataLoader(
@@ -296,16 +305,16 @@ print(tokenizer.decode(model.generate(**inputs, max_new_tokens=128)[0], skip_spe
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """The recipe's flags with every default resolved (what `main` runs with and metrics.json records)."""
-    args = C.parse_args(__doc__.splitlines()[0], DEFAULTS, add_task_args, argv=argv)
+    args = parse_recipe_args(__doc__.splitlines()[0], DEFAULTS, add_task_args, argv=argv)
     for name in ("max_new_tokens",):
         if getattr(args, name) <= 0:
-            raise C.RecipeError(f"--{name}={getattr(args, name)} must be a positive integer")
+            raise RecipeError(f"--{name}={getattr(args, name)} must be a positive integer")
     for name in ("num_generation_samples", "exact_match_max_tokens"):
         if getattr(args, name) < 0:
-            raise C.RecipeError(f"--{name}={getattr(args, name)} must be 0 or more")
+            raise RecipeError(f"--{name}={getattr(args, name)} must be 0 or more")
     if args.model_name_or_path is None:
         # The shared default (MiniLM) is an encoder; a causal LM has to be named.
-        raise C.RecipeError("pass --model_name_or_path <causal LM folder or Hub id>, e.g. meta-llama/Llama-3.2-1B")
+        raise RecipeError("pass --model_name_or_path <causal LM folder or Hub id>, e.g. meta-llama/Llama-3.2-1B")
     return args
 
 
@@ -313,35 +322,33 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
     started = time.perf_counter()
     args = parse_args(argv)
     splits, where = load_splits(args)
-    splits = {"train": C.take(splits["train"], args.max_train_samples),
-              "validation": C.take(splits["validation"], args.max_eval_samples)}
+    splits = {"train": take(splits["train"], args.max_train_samples),
+              "validation": take(splits["validation"], args.max_eval_samples)}
     for split, rows in splits.items():
-        C.require_nonempty(rows, split, where[split])
+        require_nonempty(rows, split, where[split])
 
-    from transformers import AutoModelForCausalLM
-
-    accelerator = C.make_accelerator(args)
-    tokenizer = C.load_tokenizer(args)
+    accelerator = make_accelerator(args)
+    tokenizer = load_tokenizer(args)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
-            raise C.RecipeError(f"the tokenizer of {args.model_name_or_path} has neither a pad nor an EOS token; save "
-                                "one with a pad_token (tokenizer.add_special_tokens) and pass that folder")
+            raise RecipeError(f"the tokenizer of {args.model_name_or_path} has neither a pad nor an EOS token; save "
+                              "one with a pad_token (tokenizer.add_special_tokens) and pass that folder")
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked out of attention and loss anyway
     train_features, dropped = tokenize(tokenizer, splits["train"], args.max_length)
     if not train_features:
-        raise C.RecipeError(f"every training example's prompt fills --max_length={args.max_length} tokens, so no "
-                            "answer token is left to learn from; raise --max_length")
+        raise RecipeError(f"every training example's prompt fills --max_length={args.max_length} tokens, so no "
+                          "answer token is left to learn from; raise --max_length")
     if dropped:
         accelerator.print(f"{dropped} training example(s) skipped: their prompt fills --max_length={args.max_length}")
     if args.packing:
         train_features = pack(train_features, args.max_length)
-    schedule = C.plan_schedule(args, len(train_features), accelerator.num_processes)
-    model = C.load_model(AutoModelForCausalLM, args)
-    model = C.apply_method(model, args, "CAUSAL_LM", schedule.max_train_steps)
+    schedule = plan_schedule(args, len(train_features), accelerator.num_processes)
+    model = load_model(AutoModelForCausalLM, args)
+    model = apply_method(model, args, "CAUSAL_LM", schedule.max_train_steps)
     evaluate = Evaluator(accelerator, tokenizer, splits["validation"], args)
 
     collator = InstructionCollator(tokenizer.pad_token_id)
-    result = C.train(args, accelerator, model, train_features, collator, evaluate, schedule, task="instruct")
+    result = train(args, accelerator, model, train_features, collator, evaluate, schedule, task="instruct")
     eval_metrics = {k: v for k, v in result.history[-1].items() if k not in ("epoch", "step")}
     _, report = evaluate(accelerator.unwrap_model(model), "validation")
 
@@ -355,7 +362,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
                        for m, t in zip(samples, texts)]
     report += "".join(f"\n--- prompt\n{m[-2]['content']}\n--- generation\n{g['generation']}\n"
                       for m, g in zip(samples, generations))
-    metrics = C.save_outputs(args, accelerator, model, tokenizer, result, C.RunOutputs(
+    metrics = save_outputs(args, accelerator, model, tokenizer, result, RunOutputs(
         task="instruct", dataset=args.dataset_name or where["train"], pipeline="text-generation",
         auto_class="AutoPeftModelForCausalLM", base_auto_class="AutoModelForCausalLM", eval_metrics=eval_metrics,
         test_metrics={}, report_name="eval_report.txt", report_text=report, usage=USAGE,
@@ -371,4 +378,4 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
 
 
 if __name__ == "__main__":
-    C.run_main(main)
+    run_main(main)

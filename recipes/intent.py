@@ -18,10 +18,22 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Optional
 
-import _common as C
+from common.args import TaskDefaults
+from common.args import parse_args as parse_recipe_args
+from common.batching import eval_loaders, without_index
+from common.calibration import CalibrationData
+from common.data import Example, hub_text_classification_splits, label_set_and_slices, read_table, resolve_data_dir
+from common.distill import load_teacher, make_loss
+from common.errors import RecipeError, run_main
+from common.loop import default_loss, make_accelerator, train
+from common.methods import apply_method, label_config, load_model, load_tokenizer
+from common.outputs import RunOutputs, finish_run
+from common.schedule import plan_schedule
+from common.text_classification import evaluate_classifier, tokenize
+from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
-DEFAULTS = C.TaskDefaults(dataset="banking77", learning_rate=2e-3, full_learning_rate=1e-4, num_train_epochs=3,
-                          per_device_train_batch_size=32, max_length=128, init_weights="minor")
+DEFAULTS = TaskDefaults(dataset="banking77", learning_rate=2e-3, full_learning_rate=1e-4, num_train_epochs=3,
+                        per_device_train_batch_size=32, max_length=128, init_weights="minor")
 FILES = {"train": "train.csv", "test": "test.csv"}
 
 
@@ -31,7 +43,7 @@ def add_task_args(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--split_seed", type=int, default=42, help="Seed of the train/validation split.")
 
 
-def stratified_split(rows: list[C.Example], percentage: float, seed: int) -> tuple[list[C.Example], list[C.Example]]:
+def stratified_split(rows: list[Example], percentage: float, seed: int) -> tuple[list[Example], list[Example]]:
     """Hold out round(percentage % of each class) with a fixed seed; a class with one example stays in train."""
     by_label: dict[str, list[int]] = defaultdict(list)
     for i, (_, label) in enumerate(rows):
@@ -46,16 +58,17 @@ def stratified_split(rows: list[C.Example], percentage: float, seed: int) -> tup
     return ([r for i, r in enumerate(rows) if i not in held_out], [r for i, r in enumerate(rows) if i in held_out])
 
 
-def load_splits(args: argparse.Namespace) -> tuple[dict[str, list[C.Example]], dict[str, str]]:
+def load_splits(args: argparse.Namespace) -> tuple[dict[str, list[Example]], dict[str, str]]:
+    """{split: (text, category) rows}, validation held out of train.csv, and where each split came from."""
     if args.dataset_name:
-        raw = C.hub_text_classification_splits(args, {"train": "train", "test": "test"})
+        raw = hub_text_classification_splits(args, {"train": "train", "test": "test"})
         where = {"train": f"{args.dataset_name}[train]", "test": f"{args.dataset_name}[test]"}
     else:
-        folder = C.resolve_data_dir(args.data_dir, DEFAULTS.dataset, list(FILES.values()))
-        raw = {split: C.read_table(folder / name, "text", "category") for split, name in FILES.items()}
+        folder = resolve_data_dir(args.data_dir, DEFAULTS.dataset, list(FILES.values()))
+        raw = {split: read_table(folder / name, "text", "category") for split, name in FILES.items()}
         where = {split: str(folder / name) for split, name in FILES.items()}
     if not 0 < args.validation_split_percentage < 100:
-        raise C.RecipeError(f"--validation_split_percentage={args.validation_split_percentage} must be in (0, 100)")
+        raise RecipeError(f"--validation_split_percentage={args.validation_split_percentage} must be in (0, 100)")
     train, validation = stratified_split(raw["train"], args.validation_split_percentage, args.split_seed)
     where["validation"] = f"{args.validation_split_percentage:g}% of {where['train']} (split seed {args.split_seed})"
     return {"train": train, "validation": validation, "test": raw["test"]}, where
@@ -63,15 +76,42 @@ def load_splits(args: argparse.Namespace) -> tuple[dict[str, list[C.Example]], d
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """The recipe's flags with every default resolved (what `main` runs with and metrics.json records)."""
-    return C.parse_args(__doc__.splitlines()[0], DEFAULTS, add_task_args, argv=argv)
+    return parse_recipe_args(__doc__.splitlines()[0], DEFAULTS, add_task_args, argv=argv)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
     started = time.perf_counter()
     args = parse_args(argv)
+
+    # Data: 77 classes, those of the whole training file (also under --max_train_samples, which keeps all of them).
     splits, where = load_splits(args)
-    C.run_text_classification(args, "intent", "banking77", splits, where, started)
+    labels, splits = label_set_and_slices(args, splits, where, lambda row: [row[1]])
+    accelerator = make_accelerator(args)
+    tokenizer = load_tokenizer(args)
+    features = {split: tokenize(tokenizer, rows, labels, args.max_length) for split, rows in splits.items()}
+    collator = DataCollatorWithPadding(tokenizer)
+    schedule = plan_schedule(args, len(features["train"]), accelerator.num_processes)
+
+    # Model and method: a 77-way head on the encoder (the training examples calibrate --init_weights corda|gradient).
+    model = load_model(AutoModelForSequenceClassification, args, **label_config(labels))
+    model = apply_method(model, args, "SEQ_CLS", schedule.max_train_steps,
+                         calibration=CalibrationData(features["train"], collator, default_loss))
+    loaders = eval_loaders(accelerator, features, collator, args.per_device_eval_batch_size)
+
+    def evaluate(model, split: str) -> tuple[dict, str]:
+        return evaluate_classifier(accelerator, model, loaders[split], labels)
+
+    # Train (with a teacher's soft labels when --distill_alpha > 0), then test and save.
+    teacher = load_teacher(args, accelerator, AutoModelForSequenceClassification, labels, tokenizer)
+    compute_loss = default_loss if teacher is None else make_loss(teacher, args)
+    result = train(args, accelerator, model, without_index(features["train"]), collator, evaluate, schedule,
+                   task="intent", compute_loss=compute_loss)
+    return finish_run(args, accelerator, model, tokenizer, result, evaluate, RunOutputs(
+        task="intent", dataset=args.dataset_name or "banking77", pipeline="text-classification",
+        auto_class="AutoPeftModelForSequenceClassification", base_auto_class="AutoModelForSequenceClassification",
+        report_name="classification_report.txt", report_title=f"intent: test split ({where['test']})",
+        labels=labels), started)
 
 
 if __name__ == "__main__":
-    C.run_main(main)
+    run_main(main)

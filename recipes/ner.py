@@ -17,11 +17,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
-import _common as C
-import _distill as D
+from common.args import TaskDefaults
+from common.args import parse_args as parse_recipe_args
+from common.batching import eval_loaders, predict, without_index
+from common.calibration import CalibrationData
+from common.data import label_set_and_slices, load_hub_dataset, resolve_data_dir
+from common.distill import load_teacher, make_loss, token_mask
+from common.errors import RecipeError, run_main
+from common.loop import default_loss, make_accelerator, train
+from common.methods import apply_method, label_config, load_model, load_tokenizer
+from common.outputs import RunOutputs, finish_run
+from common.schedule import plan_schedule
+from seqeval.metrics import accuracy_score, classification_report, f1_score, precision_score, recall_score
+from transformers import AutoModelForTokenClassification, DataCollatorForTokenClassification
 
-DEFAULTS = C.TaskDefaults(dataset="conll2003", learning_rate=1e-3, full_learning_rate=5e-5, num_train_epochs=1,
-                          per_device_train_batch_size=32, max_length=256)
+DEFAULTS = TaskDefaults(dataset="conll2003", learning_rate=1e-3, full_learning_rate=5e-5, num_train_epochs=1,
+                        per_device_train_batch_size=32, max_length=256)
 FILES = {"train": "train.txt", "validation": "valid.txt", "test": "test.txt"}
 
 Sentence = tuple[list[str], list[str]]  # (words, tags)
@@ -41,8 +52,8 @@ def read_conll(path: Path) -> list[Sentence]:
                     words, tags = [], []
                 continue
             if len(columns) < 2:
-                raise C.RecipeError(f"{path}:{lineno}: expected a token and its tag separated by spaces (the tag in "
-                                    f"the last column), got {line.rstrip()!r}")
+                raise RecipeError(f"{path}:{lineno}: expected a token and its tag separated by spaces (the tag in "
+                                  f"the last column), got {line.rstrip()!r}")
             words.append(columns[0])
             tags.append(columns[-1])
     if words:
@@ -53,16 +64,16 @@ def read_conll(path: Path) -> list[Sentence]:
 def load_splits(args: argparse.Namespace) -> tuple[dict[str, list[Sentence]], dict[str, str]]:
     """{split: sentences} from --data_dir (or --dataset_name), and where each split came from."""
     if args.dataset_name:
-        hub = C.load_hub_dataset(args)
+        hub = load_hub_dataset(args)
         splits, where = {}, {}
         for split in FILES:
             if split not in hub:
-                raise C.RecipeError(f"dataset {args.dataset_name!r} has no {split!r} split (it has {list(hub)})")
+                raise RecipeError(f"dataset {args.dataset_name!r} has no {split!r} split (it has {list(hub)})")
             names = hub[split].features["ner_tags"].feature.names
             splits[split] = [(row["tokens"], [names[t] for t in row["ner_tags"]]) for row in hub[split]]
             where[split] = f"{args.dataset_name}[{split}]"
         return splits, where
-    folder = C.resolve_data_dir(args.data_dir, DEFAULTS.dataset, list(FILES.values()))
+    folder = resolve_data_dir(args.data_dir, DEFAULTS.dataset, list(FILES.values()))
     splits = {split: read_conll(folder / name) for split, name in FILES.items()}
     return splits, {split: str(folder / name) for split, name in FILES.items()}
 
@@ -84,8 +95,6 @@ def tokenize(tokenizer, sentences: list[Sentence], label2id: dict[str, int], max
 
 def entity_metrics(sentences: list[Sentence], predictions: dict[int, tuple], labels: list[str]) -> tuple[dict, str]:
     """seqeval's entity-level P/R/F1 (micro over types), per-type scores, word accuracy, and the text report."""
-    from seqeval.metrics import accuracy_score, classification_report, f1_score, precision_score, recall_score
-
     gold, pred = [], []
     for i, (_, tags) in enumerate(sentences):
         ids, label_ids = predictions[i]
@@ -104,64 +113,46 @@ def entity_metrics(sentences: list[Sentence], predictions: dict[int, tuple], lab
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """The recipe's flags with every default resolved (what `main` runs with and metrics.json records)."""
-    return C.parse_args(__doc__.splitlines()[0], DEFAULTS, argv=argv)
+    return parse_recipe_args(__doc__.splitlines()[0], DEFAULTS, argv=argv)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
     started = time.perf_counter()
     args = parse_args(argv)
+
+    # Data: the tag set is the whole training file's (before --max_train_samples, as run_ner).
     splits, where = load_splits(args)
-    labels = sorted({tag for _, tags in splits["train"] for tag in tags})  # before --max_train_samples, as run_ner
-    splits = {"train": C.take(splits["train"], args.max_train_samples),
-              **{s: C.take(splits[s], args.max_eval_samples) for s in ("validation", "test")}}
-    for split, sentences in splits.items():
-        C.require_nonempty(sentences, split, where[split])
-    for split in ("validation", "test"):
-        C.check_labels_known([t for _, tags in splits[split] for t in tags], set(labels), split, where[split])
-    label2id = {label: i for i, label in enumerate(labels)}
-
-    from transformers import AutoModelForTokenClassification, DataCollatorForTokenClassification
-
-    accelerator = C.make_accelerator(args)
-    tokenizer = C.load_tokenizer(args)
+    labels, splits = label_set_and_slices(args, splits, where, lambda sentence: sentence[1])
+    accelerator = make_accelerator(args)
+    tokenizer = load_tokenizer(args)
     if not tokenizer.is_fast:
-        raise C.RecipeError(f"{args.model_name_or_path}: NER needs a fast tokenizer (word alignment); pass a model "
-                            "folder with a tokenizer.json")
+        raise RecipeError(f"{args.model_name_or_path}: NER needs a fast tokenizer (word alignment); pass a model "
+                          "folder with a tokenizer.json")
+    label2id = {label: i for i, label in enumerate(labels)}
     features = {split: tokenize(tokenizer, sentences, label2id, args.max_length) for split, sentences in splits.items()}
     collator = DataCollatorForTokenClassification(tokenizer)
-    schedule = C.plan_schedule(args, len(features["train"]), accelerator.num_processes)
+    schedule = plan_schedule(args, len(features["train"]), accelerator.num_processes)
 
-    model = C.load_model(AutoModelForTokenClassification, args, num_labels=len(labels),
-                         id2label=dict(enumerate(labels)), label2id=label2id)
-    model = C.apply_method(model, args, "TOKEN_CLS", schedule.max_train_steps,
-                           calibration=C.CalibrationData(features["train"], collator, C.default_loss))
-    eval_loaders = {split: accelerator.prepare(C.eval_dataloader(
-        features[split], C.IndexedCollator(collator), args.per_device_eval_batch_size)) for split in ("validation", "test")}
-
-    reports: dict[str, str] = {}
+    # Model and method (the training sentences calibrate --init_weights corda|gradient).
+    model = load_model(AutoModelForTokenClassification, args, **label_config(labels))
+    model = apply_method(model, args, "TOKEN_CLS", schedule.max_train_steps,
+                         calibration=CalibrationData(features["train"], collator, default_loss))
+    loaders = eval_loaders(accelerator, features, collator, args.per_device_eval_batch_size)
 
     def evaluate(model, split: str) -> tuple[dict, str]:
-        metrics, reports[split] = entity_metrics(splits[split], C.predict(accelerator, model, eval_loaders[split]),
-                                                 labels)
-        return metrics, reports[split]
+        return entity_metrics(splits[split], predict(accelerator, model, loaders[split]), labels)
 
-    # Distillation (off by default): per token, on the positions the task loss counts.
-    teacher = D.load_teacher(args, accelerator, AutoModelForTokenClassification, labels, tokenizer)
-    compute_loss = C.default_loss if teacher is None else D.make_loss(teacher, args, mask=D.token_mask)
-    train_features = [{k: v for k, v in f.items() if k != "index"} for f in features["train"]]
-    result = C.train(args, accelerator, model, train_features, collator, evaluate, schedule, task="ner",
-                     compute_loss=compute_loss)
-    eval_metrics = result.eval_metrics  # of the model kept: the best epoch's with --load_best_model_at_end
-    test_metrics, test_report = evaluate(accelerator.unwrap_model(model), "test")
-    accelerator.print("test: " + ", ".join(f"{k} {v:.4f}" for k, v in test_metrics.items()))
-    C.save_outputs(args, accelerator, model, tokenizer, result, C.RunOutputs(
+    # Train; distillation (off by default) compares per token, on the positions the task loss counts.
+    teacher = load_teacher(args, accelerator, AutoModelForTokenClassification, labels, tokenizer)
+    compute_loss = default_loss if teacher is None else make_loss(teacher, args, mask=token_mask)
+    result = train(args, accelerator, model, without_index(features["train"]), collator, evaluate, schedule,
+                   task="ner", compute_loss=compute_loss)
+    return finish_run(args, accelerator, model, tokenizer, result, evaluate, RunOutputs(
         task="ner", dataset=args.dataset_name or "conll2003", pipeline="token-classification",
         auto_class="AutoPeftModelForTokenClassification", base_auto_class="AutoModelForTokenClassification",
-        eval_metrics=eval_metrics, test_metrics=test_metrics, report_name="ner_report.txt",
-        report_text=f"CoNLL entity-level report, test split ({where['test']})\n\n{test_report}", labels=labels),
-        started)
-    accelerator.end_training()
+        report_name="ner_report.txt", report_title=f"CoNLL entity-level report, test split ({where['test']})",
+        labels=labels), started)
 
 
 if __name__ == "__main__":
-    C.run_main(main)
+    run_main(main)

@@ -28,17 +28,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
-import _common as C
-import _distill as D
 import torch
 import torch.nn.functional as F
+from common.args import TaskDefaults
+from common.args import parse_args as parse_recipe_args
+from common.batching import IndexedCollator, eval_dataloader
+from common.calibration import CalibrationData
+from common.data import require_nonempty, resolve_data_dir, take
+from common.distill import load_teacher, make_loss
+from common.errors import RecipeError, run_main
+from common.loop import make_accelerator, train
+from common.methods import apply_method, load_model, load_tokenizer
+from common.outputs import RunOutputs, finish_run
+from common.schedule import plan_schedule
 from torch import nn
+from transformers import AutoModel
 
 # min_train_steps: the shipped data's own 2,412 examples / 32 = 76 steps at 1 epoch; any larger minimum would change
 # its results, so on smaller data this recipe is only brought up to what the shipped data trains (docs/recipes.md).
-DEFAULTS = C.TaskDefaults(dataset="movielens-small", learning_rate=1e-3, full_learning_rate=5e-5, num_train_epochs=1,
-                          per_device_train_batch_size=32, per_device_eval_batch_size=128, max_length=96,
-                          min_train_steps=76)
+DEFAULTS = TaskDefaults(dataset="movielens-small", learning_rate=1e-3, full_learning_rate=5e-5, num_train_epochs=1,
+                        per_device_train_batch_size=32, per_device_eval_batch_size=128, max_length=96,
+                        min_train_steps=76)
 FILES = ("ratings.csv", "movies.csv")
 K = 10  # HR@K, NDCG@K
 
@@ -77,11 +87,11 @@ def _rows(path: Path, columns: Sequence[str]):
         reader = csv.DictReader(f)
         missing = [c for c in columns if c not in (reader.fieldnames or [])]
         if missing:
-            raise C.RecipeError(f"{path}:1: the header {reader.fieldnames} lacks column(s) {missing}")
+            raise RecipeError(f"{path}:1: the header {reader.fieldnames} lacks column(s) {missing}")
         for row in reader:
             if None in row or any(row.get(c) is None for c in columns):
-                raise C.RecipeError(f"{path}:{reader.line_num}: expected the fields {list(reader.fieldnames)}, got "
-                                    f"{list(row.values())}")
+                raise RecipeError(f"{path}:{reader.line_num}: expected the fields {list(reader.fieldnames)}, got "
+                                  f"{list(row.values())}")
             yield reader.line_num, row
 
 
@@ -91,8 +101,8 @@ def read_ratings(path: Path) -> list[Rating]:
         try:
             ratings.append(Rating(int(row["userId"]), int(row["movieId"]), float(row["rating"]), int(row["timestamp"])))
         except ValueError:
-            raise C.RecipeError(f"{path}:{lineno}: userId, movieId and timestamp must be integers and rating a number, "
-                                f"got {dict(row)}") from None
+            raise RecipeError(f"{path}:{lineno}: userId, movieId and timestamp must be integers and rating a number, "
+                              f"got {dict(row)}") from None
     return ratings
 
 
@@ -102,7 +112,7 @@ def read_movies(path: Path) -> dict[int, Movie]:
         try:
             item = int(row["movieId"])
         except ValueError:
-            raise C.RecipeError(f"{path}:{lineno}: movieId must be an integer, got {row['movieId']!r}") from None
+            raise RecipeError(f"{path}:{lineno}: movieId must be an integer, got {row['movieId']!r}") from None
         genres = [] if row["genres"] in ("", "(no genres listed)") else row["genres"].split("|")
         movies[item] = Movie(row["title"].strip(), genres)
     return movies
@@ -151,8 +161,8 @@ def leave_last_out(ratings: Sequence[Rating], movies: dict[int, Movie], threshol
 
     def sample(exclude: set[int], n: int) -> list[int]:
         if len(catalog) - len(exclude) < n:
-            raise C.RecipeError(f"cannot sample {n} movies a user has not rated: only {len(catalog) - len(exclude)} "
-                                "are left; lower --num_eval_negatives / --train_negatives")
+            raise RecipeError(f"cannot sample {n} movies a user has not rated: only {len(catalog) - len(exclude)} "
+                              "are left; lower --num_eval_negatives / --train_negatives")
         out: list[int] = []
         chosen: set[int] = set()
         while len(out) < n:
@@ -335,8 +345,8 @@ class RankingEvaluator:
 
     def _loader(self, token_ids: list[list[int]]):
         features = [{"input_ids": ids, "index": i} for i, ids in enumerate(token_ids)]
-        pad = C.IndexedCollator(lambda batch: self.tokenizer.pad(batch, return_tensors="pt"))
-        return self.accelerator.prepare(C.eval_dataloader(features, pad, self.args.per_device_eval_batch_size))
+        pad = IndexedCollator(lambda batch: self.tokenizer.pad(batch, return_tensors="pt"))
+        return self.accelerator.prepare(eval_dataloader(features, pad, self.args.per_device_eval_batch_size))
 
     def scores(self, model: BiEncoder, name: str) -> torch.Tensor:
         """(users, 1 + negatives) cosine scores of the `name` split's users; the held-out like is column 0."""
@@ -367,18 +377,18 @@ class RankingEvaluator:
 
 def load_split(args: argparse.Namespace) -> tuple[dict[int, Movie], Split, Path]:
     """The movies and the leave-last-out split of `args.data_dir` (or the shared MovieLens), cut to the sample limits."""
-    folder = C.resolve_data_dir(args.data_dir, DEFAULTS.dataset, FILES)
+    folder = resolve_data_dir(args.data_dir, DEFAULTS.dataset, FILES)
     movies = read_movies(folder / "movies.csv")
     ratings = read_ratings(folder / "ratings.csv")
-    C.require_nonempty(movies, "movies", str(folder / "movies.csv"))
+    require_nonempty(movies, "movies", str(folder / "movies.csv"))
     split = leave_last_out(ratings, movies, args.positive_threshold, args.profile_size, args.max_targets_per_user,
                            args.train_negatives, args.num_eval_negatives, args.split_seed)
-    split.train = C.take(split.train, args.max_train_samples)
-    split.validation = C.take(split.validation, args.max_eval_samples)
-    split.test = C.take(split.test, args.max_eval_samples)
+    split.train = take(split.train, args.max_train_samples)
+    split.validation = take(split.validation, args.max_eval_samples)
+    split.test = take(split.test, args.max_eval_samples)
     for name in ("train", "validation", "test"):
-        C.require_nonempty(getattr(split, name), name, f"{folder / 'ratings.csv'}: users need >= 3 likes (rating >= "
-                           f"{args.positive_threshold:g}) to be split")
+        require_nonempty(getattr(split, name), name, f"{folder / 'ratings.csv'}: users need >= 3 likes (rating >= "
+                         f"{args.positive_threshold:g}) to be split")
     return movies, split, folder
 
 
@@ -392,24 +402,23 @@ def item_token_ids(args: argparse.Namespace, tokenizer, movies: dict[int, Movie]
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """The recipe's flags with every default resolved (what `main` runs with and metrics.json records)."""
-    return C.parse_args(__doc__.splitlines()[0], DEFAULTS, add_task_args, argv=argv)
+    return parse_recipe_args(__doc__.splitlines()[0], DEFAULTS, add_task_args, argv=argv)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
     started = time.perf_counter()
     args = parse_args(argv)
     if args.dataset_name:
-        raise C.RecipeError("recommend.py reads MovieLens files only: drop --dataset_name and pass --data_dir <folder "
-                            "with ratings.csv and movies.csv>")
+        raise RecipeError("recommend.py reads MovieLens files only: drop --dataset_name and pass --data_dir <folder "
+                          "with ratings.csv and movies.csv>")
     if args.load_in_8bit or args.load_in_4bit:
-        raise C.RecipeError("recommend.py trains an encoder without a task head; --load_in_8bit/--load_in_4bit are "
-                            "supported by the classification recipes only")
+        raise RecipeError("recommend.py trains an encoder without a task head; --load_in_8bit/--load_in_4bit are "
+                          "supported by the classification recipes only")
+
+    # Data: the leave-last-out split, then every movie's and training profile's text as token ids.
     movies, split, _ = load_split(args)
-
-    from transformers import AutoModel
-
-    accelerator = C.make_accelerator(args)
-    tokenizer = C.load_tokenizer(args)
+    accelerator = make_accelerator(args)
+    tokenizer = load_tokenizer(args)
     accelerator.print(f"{len(split.train)} training examples; {len(split.test)} users evaluated "
                       f"({split.skipped_users} with too few likes left out)")
 
@@ -422,27 +431,24 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     train_features = [{"profile": p, "items": [item_ids[e.target]] + [item_ids[n] for n in e.negatives],
                        "length": len(p) + sum(len(item_ids[i]) for i in (e.target, *e.negatives))}
                       for p, e in zip(train_profiles, split.train)]
-    schedule = C.plan_schedule(args, len(train_features), accelerator.num_processes)
+    schedule = plan_schedule(args, len(train_features), accelerator.num_processes)
 
-    encoder = C.load_model(AutoModel, args)
+    # Model and method: the adapter goes on the encoder, which the bi-encoder wraps.
+    encoder = load_model(AutoModel, args)
     drop_pooler(encoder)
-    calibration = C.CalibrationData(train_features, PairCollator(tokenizer), lambda m, batch: m(**batch),
-                                    wrap=lambda enc: BiEncoder(enc, args.temperature))
-    encoder = C.apply_method(encoder, args, "FEATURE_EXTRACTION", schedule.max_train_steps, calibration=calibration)
+    calibration = CalibrationData(train_features, PairCollator(tokenizer), lambda m, batch: m(**batch),
+                                  wrap=lambda enc: BiEncoder(enc, args.temperature))
+    encoder = apply_method(encoder, args, "FEATURE_EXTRACTION", schedule.max_train_steps, calibration=calibration)
     model = BiEncoder(encoder, args.temperature)
-
     evaluate = RankingEvaluator(args, accelerator, tokenizer, split, movies, item_ids, encode)
 
-    # Distillation (off by default): per training example, over the scores of its positive and negatives (the
+    # Train. Distillation (off by default): per training example, over the scores of its positive and negatives (the
     # distribution the task loss uses), with the teacher encoder in the same bi-encoder (same --temperature).
-    teacher = D.load_teacher(args, accelerator, AutoModel, None, tokenizer, prepare=drop_pooler,
-                             wrap=lambda encoder: BiEncoder(encoder, args.temperature))
-    compute_loss = (lambda m, batch: m(**batch)) if teacher is None else D.make_loss(teacher, args, bi_encoder_outputs)
-    result = C.train(args, accelerator, model, train_features, PairCollator(tokenizer), evaluate, schedule,
-                     task="recommend", compute_loss=compute_loss)
-    eval_metrics = result.eval_metrics  # of the model kept: the best epoch's with --load_best_model_at_end
-    test_metrics, test_report = evaluate(accelerator.unwrap_model(model), "test")
-    accelerator.print(test_report)
+    teacher = load_teacher(args, accelerator, AutoModel, None, tokenizer, prepare=drop_pooler,
+                           wrap=lambda encoder: BiEncoder(encoder, args.temperature))
+    compute_loss = (lambda m, batch: m(**batch)) if teacher is None else make_loss(teacher, args, bi_encoder_outputs)
+    result = train(args, accelerator, model, train_features, PairCollator(tokenizer), evaluate, schedule,
+                   task="recommend", compute_loss=compute_loss)
     usage = (
         "import torch.nn.functional as F\n{load}\nmodel.eval()\n\n"
         "def embed(texts):\n    batch = tokenizer(texts, padding=True, truncation=True, return_tensors='pt')\n"
@@ -452,13 +458,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         f'movies = embed(["{movie_text(Movie("Jumanji (1995)", ["Adventure", "Children", "Fantasy"]), 8 if args.popularity_in_text else None)}"])\n'
         "scores = user @ movies.T  # higher = more likely to be liked"
     )
-    C.save_outputs(args, accelerator, model, tokenizer, result, C.RunOutputs(
+    return finish_run(args, accelerator, model, tokenizer, result, evaluate, RunOutputs(
         task="recommend", dataset="movielens-small", pipeline="feature-extraction",
-        auto_class="AutoPeftModelForFeatureExtraction", base_auto_class="AutoModel", eval_metrics=eval_metrics,
-        test_metrics=test_metrics, report_name="ranking_report.txt", report_text=test_report, usage=usage,
-        extra_metrics={"train_examples": len(split.train), "skipped_users": split.skipped_users}), started)
-    accelerator.end_training()
+        auto_class="AutoPeftModelForFeatureExtraction", base_auto_class="AutoModel",
+        report_name="ranking_report.txt", usage=usage,
+        extra_metrics={"train_examples": len(split.train), "skipped_users": split.skipped_users}),
+        started, print_report=True)
 
 
 if __name__ == "__main__":
-    C.run_main(main)
+    run_main(main)

@@ -15,33 +15,73 @@ import time
 from collections.abc import Sequence
 from typing import Optional
 
-import _common as C
+from common.args import TaskDefaults
+from common.args import parse_args as parse_recipe_args
+from common.batching import eval_loaders, without_index
+from common.calibration import CalibrationData
+from common.data import Example, hub_text_classification_splits, label_set_and_slices, read_table, resolve_data_dir
+from common.distill import load_teacher, make_loss
+from common.errors import run_main
+from common.loop import default_loss, make_accelerator, train
+from common.methods import apply_method, label_config, load_model, load_tokenizer
+from common.outputs import RunOutputs, finish_run
+from common.schedule import plan_schedule
+from common.text_classification import evaluate_classifier, tokenize
+from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
-DEFAULTS = C.TaskDefaults(dataset="sst2", learning_rate=1e-3, full_learning_rate=5e-5, num_train_epochs=1,
-                          per_device_train_batch_size=32, max_length=128, init_weights="minor")
+DEFAULTS = TaskDefaults(dataset="sst2", learning_rate=1e-3, full_learning_rate=5e-5, num_train_epochs=1,
+                        per_device_train_batch_size=32, max_length=128, init_weights="minor")
 FILES = {"train": "train.tsv", "validation": "dev.tsv", "test": "test.tsv"}
 
 
-def load_splits(args: argparse.Namespace) -> tuple[dict[str, list[C.Example]], dict[str, str]]:
+def load_splits(args: argparse.Namespace) -> tuple[dict[str, list[Example]], dict[str, str]]:
+    """{split: (sentence, label) rows} from --data_dir (or --dataset_name), and where each split came from."""
     if args.dataset_name:
         names = {"train": "train", "validation": "validation", "test": "test"}
-        return C.hub_text_classification_splits(args, names), {s: f"{args.dataset_name}[{s}]" for s in names}
-    folder = C.resolve_data_dir(args.data_dir, DEFAULTS.dataset, list(FILES.values()))
-    splits = {split: C.read_table(folder / name, "sentence", "label", delimiter="\t") for split, name in FILES.items()}
+        return hub_text_classification_splits(args, names), {s: f"{args.dataset_name}[{s}]" for s in names}
+    folder = resolve_data_dir(args.data_dir, DEFAULTS.dataset, list(FILES.values()))
+    splits = {split: read_table(folder / name, "sentence", "label", delimiter="\t") for split, name in FILES.items()}
     return splits, {split: str(folder / name) for split, name in FILES.items()}
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """The recipe's flags with every default resolved (what `main` runs with and metrics.json records)."""
-    return C.parse_args(__doc__.splitlines()[0], DEFAULTS, argv=argv)
+    return parse_recipe_args(__doc__.splitlines()[0], DEFAULTS, argv=argv)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
     started = time.perf_counter()
     args = parse_args(argv)
+
+    # Data: the classes are the whole training file's, also under --max_train_samples.
     splits, where = load_splits(args)
-    C.run_text_classification(args, "sentiment", "sst2", splits, where, started)
+    labels, splits = label_set_and_slices(args, splits, where, lambda row: [row[1]])
+    accelerator = make_accelerator(args)
+    tokenizer = load_tokenizer(args)
+    features = {split: tokenize(tokenizer, rows, labels, args.max_length) for split, rows in splits.items()}
+    collator = DataCollatorWithPadding(tokenizer)
+    schedule = plan_schedule(args, len(features["train"]), accelerator.num_processes)
+
+    # Model and method (the training examples calibrate --init_weights corda|gradient).
+    model = load_model(AutoModelForSequenceClassification, args, **label_config(labels))
+    model = apply_method(model, args, "SEQ_CLS", schedule.max_train_steps,
+                         calibration=CalibrationData(features["train"], collator, default_loss))
+    loaders = eval_loaders(accelerator, features, collator, args.per_device_eval_batch_size)
+
+    def evaluate(model, split: str) -> tuple[dict, str]:
+        return evaluate_classifier(accelerator, model, loaders[split], labels)
+
+    # Train (with a teacher's soft labels when --distill_alpha > 0), then test and save.
+    teacher = load_teacher(args, accelerator, AutoModelForSequenceClassification, labels, tokenizer)
+    compute_loss = default_loss if teacher is None else make_loss(teacher, args)
+    result = train(args, accelerator, model, without_index(features["train"]), collator, evaluate, schedule,
+                   task="sentiment", compute_loss=compute_loss)
+    return finish_run(args, accelerator, model, tokenizer, result, evaluate, RunOutputs(
+        task="sentiment", dataset=args.dataset_name or "sst2", pipeline="text-classification",
+        auto_class="AutoPeftModelForSequenceClassification", base_auto_class="AutoModelForSequenceClassification",
+        report_name="classification_report.txt", report_title=f"sentiment: test split ({where['test']})",
+        labels=labels), started)
 
 
 if __name__ == "__main__":
-    C.run_main(main)
+    run_main(main)

@@ -393,7 +393,7 @@ run_recipe, small, write_conll = recipe_tests.run_recipe, recipe_tests.small, re
 
 
 def test_ner_recipe_with_corda_calibrates_on_the_training_split_and_saves_its_factors(tiny_model, tmp_path):
-    from _calibration import calibration_subset
+    from common.calibration import calibration_subset
     from safetensors.torch import load_file
 
     data = write_conll(tmp_path / "conll")

@@ -1,4 +1,4 @@
-"""Knowledge distillation in the recipes (recipes/_distill.py): the loss, and recipe runs with a teacher.
+"""Knowledge distillation in the recipes (recipes/common/distill.py): the loss, and recipe runs with a teacher.
 
 The loss tests use tiny tensors and a tiny BERT; the recipe tests run the recipes in this process on the fixture
 folders of test_recipes.py with its tiny BERT (a teacher is first trained by the same recipe, as a user would)."""
@@ -26,7 +26,7 @@ from test_recipes import (  # the recipe tests' fixture data and runner
 )
 from torch.distributions import Bernoulli, Categorical, kl_divergence
 
-D = importlib.import_module("_distill")  # recipes/_distill.py; importing test_recipes put recipes/ on sys.path
+D = importlib.import_module("common.distill")  # importing test_recipes put recipes/ on sys.path
 
 
 @pytest.fixture(scope="module")
@@ -127,10 +127,10 @@ def test_a_teacher_with_the_labels_in_another_order_is_reordered_to_the_students
     (["--distill_alpha", "0.5"], "needs a teacher: pass --teacher_model_name_or_path"),
 ])
 def test_bad_distillation_flags_are_refused_before_any_work(flags, message):
-    import _common as C
     import sentiment
+    from common.errors import RecipeError
 
-    with pytest.raises(C.RecipeError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(RecipeError, match=message.replace("[", r"\[").replace("]", r"\]")):
         sentiment.parse_args(flags)
     defaults = sentiment.parse_args([])
     assert (defaults.distill_alpha, defaults.distill_temperature, defaults.teacher_model_name_or_path) == (0.0, 2.0, None)

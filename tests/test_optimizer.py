@@ -157,10 +157,10 @@ def test_gain_argument_and_recipe_default():
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-    import _common
+    from common.args import TaskDefaults, build_parser
 
-    defaults = _common.TaskDefaults(dataset="sst2")
-    assert _common.build_parser("x", defaults).parse_args([]).uv_gain == UV_GAIN  # the recipes' default is the API's
+    defaults = TaskDefaults(dataset="sst2")
+    assert build_parser("x", defaults).parse_args([]).uv_gain == UV_GAIN  # the recipes' default is the API's
     model = lra()
     layer = model.base_model.model.proj
     gain = layer.lra_lambda0["default"].abs().max().item() * layer.scaling["default"]

@@ -163,7 +163,7 @@ def run_recipe(script: str, *args: str, launcher: tuple[str, ...] = (), check: b
         code = 0
         with _environ(env or ENV), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                module.C.run_main(lambda: module.main(list(args)))
+                importlib.import_module("common.errors").run_main(lambda: module.main(list(args)))
             except SystemExit as exc:
                 code = exc.code
         proc = subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
@@ -632,10 +632,10 @@ def test_max_train_samples_keeps_every_class_of_the_training_file(tiny_model, tm
 
 
 def test_macro_f1_of_an_evaluation_slice_ignores_classes_it_does_not_contain():
-    import _common
+    from common.text_classification import classification_metrics
 
     labels = ["a", "b", "c", "d"]
-    metrics, report = _common.classification_metrics(gold=[0, 0, 1, 1], pred=[0, 0, 1, 0], labels=labels)
+    metrics, report = classification_metrics(gold=[0, 0, 1, 1], pred=[0, 0, 1, 0], labels=labels)
     # Classes a and b only: F1 0.8 and 0.667. Counting c and d as F1 = 0 would halve it.
     assert metrics["macro_f1"] == pytest.approx((0.8 + 2 / 3) / 2)
     assert metrics["accuracy"] == 0.75

@@ -25,7 +25,12 @@ from test_recipes import (  # (the recipe tests' fixture data and runner)
     write_sst2,
 )
 
-C = importlib.import_module("_common")  # recipes/ is on sys.path through test_recipes
+# recipes/ is on sys.path through test_recipes
+ckpt = importlib.import_module("common.checkpoint")
+loop = importlib.import_module("common.loop")
+methods = importlib.import_module("common.methods")
+planning = importlib.import_module("common.schedule")
+text_classification = importlib.import_module("common.text_classification")
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +60,7 @@ SHIPPED = {"ner": 14041, "sentiment": 67349, "intent": 9000, "recommend": 2412}
 @pytest.mark.parametrize("task, steps", [("ner", 439), ("sentiment", 2105), ("intent", 3 * 282), ("recommend", 76)])
 def test_shipped_datasets_keep_their_default_number_of_steps(task, steps):
     args = importlib.import_module(task).parse_args([])
-    schedule = C.plan_schedule(args, SHIPPED[task], num_processes=1)
+    schedule = planning.plan_schedule(args, SHIPPED[task], num_processes=1)
     assert schedule.max_train_steps == steps and schedule.num_train_epochs == args.task_num_train_epochs
     assert "reach --min_train_steps" in schedule.reason
 
@@ -63,16 +68,16 @@ def test_shipped_datasets_keep_their_default_number_of_steps(task, steps):
 def test_small_data_without_an_epoch_flag_trains_at_least_the_minimum_number_of_steps():
     ner = importlib.import_module("ner")
     args = ner.parse_args([])
-    schedule = C.plan_schedule(args, 3000, num_processes=1)  # 94 steps per epoch
+    schedule = planning.plan_schedule(args, 3000, num_processes=1)  # 94 steps per epoch
     assert (schedule.num_train_epochs, schedule.max_train_steps) == (5, 470)
     assert "fewer than --min_train_steps 400: raised to 5 epochs" in schedule.reason
     assert args.num_train_epochs == 5  # what metrics.json's args record
     # An explicit flag is obeyed as given.
-    assert C.plan_schedule(ner.parse_args(["--num_train_epochs", "1"]), 3000, 1).max_train_steps == 94
-    assert C.plan_schedule(ner.parse_args(["--max_train_steps", "7"]), 3000, 1).max_train_steps == 7
-    assert C.plan_schedule(ner.parse_args(["--min_train_steps", "0"]), 3000, 1).max_train_steps == 94
+    assert planning.plan_schedule(ner.parse_args(["--num_train_epochs", "1"]), 3000, 1).max_train_steps == 94
+    assert planning.plan_schedule(ner.parse_args(["--max_train_steps", "7"]), 3000, 1).max_train_steps == 7
+    assert planning.plan_schedule(ner.parse_args(["--min_train_steps", "0"]), 3000, 1).max_train_steps == 94
     # --max_train_samples cuts the data for a quick run: the default epochs, and the log says why.
-    quick = C.plan_schedule(ner.parse_args(["--max_train_samples", "3000"]), 3000, 1)
+    quick = planning.plan_schedule(ner.parse_args(["--max_train_samples", "3000"]), 3000, 1)
     assert quick.max_train_steps == 94 and "--max_train_samples 3000 is a quick run" in quick.reason
 
 
@@ -94,7 +99,7 @@ class ScriptedAccuracy:
 
     def __init__(self, scores: list[float]) -> None:
         self.scores, self.calls = list(scores), 0
-        self.real = C.classification_metrics
+        self.real = text_classification.classification_metrics
 
     def __call__(self, gold, pred, labels):
         metrics, report = self.real(gold, pred, labels)
@@ -106,7 +111,7 @@ class ScriptedAccuracy:
 
 def test_load_best_model_at_end_keeps_the_epoch_with_the_best_validation_score(tiny_model, tmp_path, monkeypatch):
     data, out = write_sst2(tmp_path / "sst2"), tmp_path / "out"
-    monkeypatch.setattr(C, "classification_metrics", ScriptedAccuracy([0.6, 0.9, 0.7]))
+    monkeypatch.setattr(text_classification, "classification_metrics", ScriptedAccuracy([0.6, 0.9, 0.7]))
     run_recipe("sentiment.py", *small(tiny_model, data, out, "--num_train_epochs", "3", "--load_best_model_at_end",
                                       "--checkpointing_steps", "epoch"))
     metrics = metrics_of(out)
@@ -114,14 +119,14 @@ def test_load_best_model_at_end_keeps_the_epoch_with_the_best_validation_score(t
     assert metrics["train_length"]["best"] == {"epoch": 1, "step": 8, "metric": "accuracy", "value": 0.9}
     # The adapter saved (and tested) is the one of epoch 1, not the last: compare with the epoch checkpoints.
     saved = adapter(out)
-    assert same_as_adapter(load_file(out / "epoch_1" / C.TRAINABLE_STATE_FILE), saved)
-    assert not same_as_adapter(load_file(out / "epoch_2" / C.TRAINABLE_STATE_FILE), saved)
+    assert same_as_adapter(load_file(out / "epoch_1" / ckpt.TRAINABLE_STATE_FILE), saved)
+    assert not same_as_adapter(load_file(out / "epoch_2" / ckpt.TRAINABLE_STATE_FILE), saved)
 
     # Resumable: from epoch_1's checkpoint, the remaining epoch scores worse and the best kept is still epoch 1's.
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(out / "epoch_1", resumed / "epoch_1")
-    monkeypatch.setattr(C, "classification_metrics", ScriptedAccuracy([0.7]))
+    monkeypatch.setattr(text_classification, "classification_metrics", ScriptedAccuracy([0.7]))
     run_recipe("sentiment.py", *small(tiny_model, data, resumed, "--num_train_epochs", "3",
                                       "--load_best_model_at_end", "--resume_from_checkpoint"))
     assert_same_weights(adapter(out), adapter(resumed), atol=0)
@@ -130,7 +135,7 @@ def test_load_best_model_at_end_keeps_the_epoch_with_the_best_validation_score(t
 
 def test_without_the_flag_the_last_epoch_is_kept(tiny_model, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    monkeypatch.setattr(C, "classification_metrics", ScriptedAccuracy([0.6, 0.9, 0.7]))
+    monkeypatch.setattr(text_classification, "classification_metrics", ScriptedAccuracy([0.6, 0.9, 0.7]))
     run_recipe("sentiment.py", *small(tiny_model, write_sst2(tmp_path / "sst2"), out, "--num_train_epochs", "3"))
     metrics = metrics_of(out)
     assert metrics["eval_accuracy"] == 0.7 and metrics["train_length"]["best"] is None
@@ -138,7 +143,7 @@ def test_without_the_flag_the_last_epoch_is_kept(tiny_model, tmp_path, monkeypat
 
 def test_early_stopping_patience_1_stops_after_a_worse_epoch(tiny_model, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    monkeypatch.setattr(C, "classification_metrics", ScriptedAccuracy([0.6, 0.9, 0.8, 0.95, 0.99]))
+    monkeypatch.setattr(text_classification, "classification_metrics", ScriptedAccuracy([0.6, 0.9, 0.8, 0.95, 0.99]))
     proc = run_recipe("sentiment.py", *small(tiny_model, write_sst2(tmp_path / "sst2"), out, "--num_train_epochs",
                                              "5", "--load_best_model_at_end", "--early_stopping_patience", "1"))
     metrics = metrics_of(out)
@@ -162,26 +167,26 @@ def _args(**kw) -> argparse.Namespace:
 
 def test_useless_model_warning_fires_for_a_majority_class_model_and_not_for_a_trained_one():
     gold = [0] * 6 + [1] * 3 + [2] * 1
-    majority, _ = C.classification_metrics(gold, [0] * len(gold), ["a", "b", "c"])
+    majority, _ = text_classification.classification_metrics(gold, [0] * len(gold), ["a", "b", "c"])
     assert majority["accuracy"] == majority["majority_class_accuracy"] == 0.6
-    warning = C.useless_model_warning(majority, _args(), steps=3, epochs=1)
+    warning = loop.useless_model_warning(majority, _args(), steps=3, epochs=1)
     assert warning and "majority-class rate" in warning and "3 optimizer steps" in warning
     assert "--num_train_epochs" in warning and "--learning_rate" in warning
-    trained, _ = C.classification_metrics(gold, gold[:-2] + [1, 2], ["a", "b", "c"])
-    assert C.useless_model_warning(trained, _args(), steps=3, epochs=1) is None
+    trained, _ = text_classification.classification_metrics(gold, gold[:-2] + [1, 2], ["a", "b", "c"])
+    assert loop.useless_model_warning(trained, _args(), steps=3, epochs=1) is None
 
     ner = {"precision": 0.02, "recall": 0.01, "f1": 0.0141, "token_accuracy": 0.83}
-    assert "almost no entities" in C.useless_model_warning(ner, _args(), steps=106, epochs=1)
-    assert C.useless_model_warning({**ner, "f1": 0.57}, _args(), steps=470, epochs=5) is None
+    assert "almost no entities" in loop.useless_model_warning(ner, _args(), steps=106, epochs=1)
+    assert loop.useless_model_warning({**ner, "f1": 0.57}, _args(), steps=470, epochs=5) is None
     ranking = {"ndcg_at_10": 0.30, "popularity_ndcg_at_10": 0.31}
-    assert "popularity" in C.useless_model_warning(ranking, _args(), steps=10, epochs=1)
-    assert C.useless_model_warning({**ranking, "ndcg_at_10": 0.45}, _args(), steps=10, epochs=1) is None
+    assert "popularity" in loop.useless_model_warning(ranking, _args(), steps=10, epochs=1)
+    assert loop.useless_model_warning({**ranking, "ndcg_at_10": 0.45}, _args(), steps=10, epochs=1) is None
 
 
 def test_useless_model_warning_is_printed_once_and_recorded(tiny_model, tmp_path, monkeypatch):
     out = tmp_path / "out"
     # The fixture's dev split is balanced: a validation accuracy of 0.5 is the majority-class rate.
-    monkeypatch.setattr(C, "classification_metrics", ScriptedAccuracy([0.5]))
+    monkeypatch.setattr(text_classification, "classification_metrics", ScriptedAccuracy([0.5]))
     proc = run_recipe("sentiment.py", *small(tiny_model, write_sst2(tmp_path / "sst2"), out, "--num_train_epochs", "1"))
     lines = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
     assert len(lines) == 1 and "majority-class rate" in lines[0] and "--num_train_epochs" in lines[0]
@@ -196,8 +201,8 @@ def test_checkpoints_hold_the_trainable_state_only_and_the_total_limit_keeps_the
     # 24 sentences at batch 4: 12 steps, a checkpoint every 2; the newest two are left.
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("step_")) == ["step_10", "step_12"]
     files = {p.name for p in (out / "step_12").iterdir()}
-    assert C.TRAINABLE_STATE_FILE in files and not any(n.startswith(("model", "pytorch_model")) for n in files)
-    state = load_file(out / "step_12" / C.TRAINABLE_STATE_FILE)
+    assert ckpt.TRAINABLE_STATE_FILE in files and not any(n.startswith(("model", "pytorch_model")) for n in files)
+    state = load_file(out / "step_12" / ckpt.TRAINABLE_STATE_FILE)
     # The adapter and head weights as trained to the last step (those saved), and no frozen base weight.
     assert same_as_adapter(state, adapter(out))
     assert not any(k.endswith("base_layer.weight") or "word_embeddings" in k for k in state)
@@ -233,7 +238,7 @@ def test_resume_reads_a_checkpoint_written_before_adapter_only_checkpoints(tiny_
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(old / "step_10" / "model.safetensors"))
-    (old / "step_10" / C.TRAINABLE_STATE_FILE).unlink()
+    (old / "step_10" / ckpt.TRAINABLE_STATE_FILE).unlink()
     run_recipe("ner.py", *small(tiny_model, data, old, *args, "--resume_from_checkpoint"))
     assert_same_weights(adapter(out), adapter(old), atol=0)
 
@@ -244,10 +249,10 @@ def _model_at(ner, model_path: Path, checkpoint: Path) -> torch.nn.Module:
 
     labels = ["B-LOC", "B-ORG", "B-PER", "I-ORG", "O"]
     args = ner.parse_args(["--model_name_or_path", str(model_path)])
-    model = C.load_model(AutoModelForTokenClassification, args, num_labels=len(labels),
+    model = methods.load_model(AutoModelForTokenClassification, args, num_labels=len(labels),
                          id2label=dict(enumerate(labels)), label2id={t: i for i, t in enumerate(labels)})
-    model = C.apply_method(model, args, "TOKEN_CLS", 10)
-    C.load_trainable_state(model, load_file(checkpoint / C.TRAINABLE_STATE_FILE), str(checkpoint))
+    model = methods.apply_method(model, args, "TOKEN_CLS", 10)
+    ckpt.load_trainable_state(model, load_file(checkpoint / ckpt.TRAINABLE_STATE_FILE), str(checkpoint))
     return model
 
 

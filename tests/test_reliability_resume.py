@@ -35,10 +35,11 @@ KILLED_RUN = textwrap.dedent(
     """
     import os, signal, sys
     sys.path.insert(0, sys.argv[1])
-    import _common as C
+    import common.checkpoint as checkpoint
     import ner
+    from common.errors import run_main
 
-    kill_at, calls, commit = int(sys.argv[2]), [], C.commit_dir
+    kill_at, calls, commit = int(sys.argv[2]), [], checkpoint.commit_dir
 
     def commit_or_die(tmp, final):
         calls.append(final)
@@ -46,8 +47,8 @@ KILLED_RUN = textwrap.dedent(
             os.kill(os.getpid(), signal.SIGKILL)
         commit(tmp, final)
 
-    C.commit_dir = commit_or_die
-    C.run_main(lambda: ner.main(sys.argv[3:]))
+    checkpoint.commit_dir = commit_or_die
+    run_main(lambda: ner.main(sys.argv[3:]))
     """
 )
 

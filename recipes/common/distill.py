@@ -27,10 +27,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import _common as C
 import torch
 import torch.nn.functional as F
+from peft import PeftModel
 from torch import nn
+from transformers import AutoTokenizer
+
+import lra_peft  # noqa: F401  (registers LRA with PEFT, so that an LRA adapter can be a teacher)
+
+from .errors import RecipeError
+from .methods import resolve_model
 
 # (model, batch) -> (task loss, logits (..., classes)); for Transformers models `model(**batch)`'s loss and logits.
 Outputs = Callable[[nn.Module, dict], tuple[torch.Tensor, torch.Tensor]]
@@ -52,12 +58,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def check_args(args: argparse.Namespace) -> None:
     """Reject distillation settings that cannot work, before any heavy work."""
     if not (math.isfinite(args.distill_alpha) and 0.0 <= args.distill_alpha <= 1.0):
-        raise C.RecipeError(f"--distill_alpha={args.distill_alpha} must be in [0, 1] (0 = no distillation)")
+        raise RecipeError(f"--distill_alpha={args.distill_alpha} must be in [0, 1] (0 = no distillation)")
     if not (math.isfinite(args.distill_temperature) and args.distill_temperature > 0):
-        raise C.RecipeError(f"--distill_temperature={args.distill_temperature} must be a positive number")
+        raise RecipeError(f"--distill_temperature={args.distill_temperature} must be a positive number")
     if args.distill_alpha > 0 and not args.teacher_model_name_or_path:
-        raise C.RecipeError(f"--distill_alpha={args.distill_alpha:g} needs a teacher: pass --teacher_model_name_or_path "
-                            "<folder> (e.g. the --output_dir of this recipe run with --method full)")
+        raise RecipeError(f"--distill_alpha={args.distill_alpha:g} needs a teacher: pass --teacher_model_name_or_path "
+                          "<folder> (e.g. the --output_dir of this recipe run with --method full)")
 
 
 def enabled(args: argparse.Namespace) -> bool:
@@ -135,7 +141,7 @@ class Teacher:
 
 
 def make_loss(teacher: Teacher, args: argparse.Namespace, outputs: Outputs = hf_outputs,
-              mask: Optional[Callable[[dict], torch.Tensor]] = None) -> C.LossFn:
+              mask: Optional[Callable[[dict], torch.Tensor]] = None) -> Callable[[nn.Module, dict], torch.Tensor]:
     """The recipe's `compute_loss` with distillation: (1 − α)·task loss + α·`distill_kl` on `outputs`' logits."""
     alpha, temperature = args.distill_alpha, args.distill_temperature
 
@@ -158,16 +164,14 @@ def _check_tokenizer(folder: Path, tokenizer: Any) -> None:
     """A teacher reads the student's token ids, so a tokenizer saved with it must have the same vocabulary."""
     if tokenizer is None or not any((folder / f).is_file() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
         return
-    from transformers import AutoTokenizer
-
     try:
         theirs = AutoTokenizer.from_pretrained(str(folder))
     except (OSError, ValueError):
         return  # no loadable tokenizer there: nothing to compare
     if theirs.get_vocab() != tokenizer.get_vocab():
-        raise C.RecipeError(f"--teacher_model_name_or_path {folder}: its tokenizer's vocabulary differs from the "
-                            f"student's ({len(theirs)} vs {len(tokenizer)} tokens), so it would read the wrong tokens; "
-                            "use a teacher fine-tuned from the same base model (or --model_name_or_path of the teacher)")
+        raise RecipeError(f"--teacher_model_name_or_path {folder}: its tokenizer's vocabulary differs from the "
+                          f"student's ({len(theirs)} vs {len(tokenizer)} tokens), so it would read the wrong tokens; "
+                          "use a teacher fine-tuned from the same base model (or --model_name_or_path of the teacher)")
 
 
 def _read_model(model_cls: Any, folder: Path, labels: Optional[Sequence[str]],
@@ -178,27 +182,23 @@ def _read_model(model_cls: Any, folder: Path, labels: Optional[Sequence[str]],
     if metrics_file.is_file():
         run_args = json.loads(metrics_file.read_text()).get("args", {})
         if run_args.get("load_in_8bit") or run_args.get("load_in_4bit"):
-            raise C.RecipeError(f"--teacher_model_name_or_path {folder}: a run on an 8/4-bit base cannot be reloaded "
-                                "as a teacher here; use a full-precision run (e.g. --method full)")
+            raise RecipeError(f"--teacher_model_name_or_path {folder}: a run on an 8/4-bit base cannot be reloaded "
+                              "as a teacher here; use a full-precision run (e.g. --method full)")
     saved_labels = json.loads((folder / "labels.json").read_text()) if (folder / "labels.json").is_file() else None
     kwargs: dict[str, Any] = {}
     if labels is not None and saved_labels is not None:
         kwargs = {"num_labels": len(saved_labels), "id2label": dict(enumerate(saved_labels)),
                   "label2id": {label: i for i, label in enumerate(saved_labels)}}
     if (folder / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        import lra_peft  # noqa: F401  (registers LRA with PEFT before an LRA adapter is read)
-
         # adapter_config.json names the base by Hub id (or not at all) for publishing; the run's metrics.json records
         # the folder it was actually loaded from, which is what reloads it here without the Hub.
         base = run_args.get("model_name_or_path")
         if not (isinstance(base, str) and Path(base).is_dir()):
             base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
         try:
-            base = C.resolve_model(base)
-        except C.RecipeError as exc:
-            raise C.RecipeError(f"--teacher_model_name_or_path {folder}: the adapter's base model: {exc}") from None
+            base = resolve_model(base)
+        except RecipeError as exc:
+            raise RecipeError(f"--teacher_model_name_or_path {folder}: the adapter's base model: {exc}") from None
         model = model_cls.from_pretrained(base, **kwargs)
         prepare(model)
         model = PeftModel.from_pretrained(model, str(folder))
@@ -206,8 +206,8 @@ def _read_model(model_cls: Any, folder: Path, labels: Optional[Sequence[str]],
         model = model_cls.from_pretrained(str(folder), **kwargs)
         prepare(model)
     else:
-        raise C.RecipeError(f"--teacher_model_name_or_path {folder}: neither a model folder (config.json) nor an "
-                            "adapter folder (adapter_config.json); pass the --output_dir of a finished recipe run")
+        raise RecipeError(f"--teacher_model_name_or_path {folder}: neither a model folder (config.json) nor an "
+                          "adapter folder (adapter_config.json); pass the --output_dir of a finished recipe run")
     return model, (list(saved_labels) if saved_labels is not None else _labels_of(model.config))
 
 
@@ -227,15 +227,15 @@ def load_teacher(args: argparse.Namespace, accelerator: Any, model_cls: Any, lab
         return None
     folder = Path(args.teacher_model_name_or_path).expanduser()
     if not folder.is_dir():
-        raise C.RecipeError(f"--teacher_model_name_or_path {folder} is not a folder; pass the --output_dir of a "
-                            "finished recipe run (e.g. with --method full)")
+        raise RecipeError(f"--teacher_model_name_or_path {folder} is not a folder; pass the --output_dir of a "
+                          "finished recipe run (e.g. with --method full)")
     _check_tokenizer(folder, tokenizer)
     model, teacher_labels = _read_model(model_cls, folder, labels, prepare)
     permutation = None
     if labels is not None:
         if sorted(teacher_labels) != sorted(labels):
             missing, extra = sorted(set(labels) - set(teacher_labels)), sorted(set(teacher_labels) - set(labels))
-            raise C.RecipeError(
+            raise RecipeError(
                 f"--teacher_model_name_or_path {folder}: the teacher's labels ({len(teacher_labels)}) differ from the "
                 f"student's ({len(labels)}): missing {missing[:8]}, extra {extra[:8]}; use a teacher trained on the "
                 "same label set (e.g. this recipe run on the same data with --method full)")

@@ -16,6 +16,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+import lra_peft
 from lra_peft.config import DATA_AWARE_INITS
 
 __all__ = ["DATA_AWARE_INITS", "DEFAULT_CALIBRATION_SAMPLES", "CalibrationData", "calibrate", "calibration_subset"]
@@ -55,8 +56,6 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 
 def calibrate(model: nn.Module, config: Any, args: argparse.Namespace, data: CalibrationData) -> None:
     """Run `lra_peft.preprocess` for `config` on `--calibration_samples` training examples."""
-    import lra_peft
-
     subset = calibration_subset(data.features, args.calibration_samples, args.seed)
     device = next(model.parameters()).device
     loss_model = data.wrap(model) if data.wrap is not None else model

@@ -1,0 +1,60 @@
+"""How long a run trains: optimizer steps per epoch and in all, planned before the model is built."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+
+# The fewest optimizer steps a run without --num_train_epochs / --max_train_steps takes (see plan_schedule). Chosen on
+# the validation split of a 3,000-sentence CoNLL-2003 slice (docs/recipes.md, "Training length on your own, smaller
+# data"); at most the 439 steps of the smallest shipped dataset it applies to (CoNLL-2003, 14,041 sentences / 32), so
+# shipped runs do not change.
+MIN_TRAIN_STEPS = 400
+
+
+@dataclass
+class Schedule:
+    updates_per_epoch: int
+    max_train_steps: int
+    num_train_epochs: int
+    reason: str = ""  # why this many epochs / steps, for the log and metrics.json
+
+
+def plan_schedule(args: argparse.Namespace, num_examples: int, num_processes: int) -> Schedule:
+    """Optimizer steps per epoch and in all, known before the model is built (AdaLoRA needs `total_step`).
+
+    `--max_train_steps` wins, then `--num_train_epochs`. With neither, the run takes the task's default epochs, or
+    more when those give fewer than `--min_train_steps` optimizer steps: a default chosen on a large dataset would
+    otherwise stop a run on a small one after a few dozen steps, with a model that has learnt almost nothing. A run
+    cut with `--max_train_samples` keeps the default epochs: it is a quick run, not the size of the user's data.
+    Sets `args.num_train_epochs` to the epochs planned, so that metrics.json records them.
+    """
+    batches = math.ceil(num_examples / args.per_device_train_batch_size)
+    per_process = math.ceil(batches / num_processes)  # Accelerate evens out batches across processes
+    updates = max(1, math.ceil(per_process / args.gradient_accumulation_steps))
+    if args.max_train_steps is not None:
+        args.num_train_epochs = math.ceil(args.max_train_steps / updates)
+        return Schedule(updates, args.max_train_steps, args.num_train_epochs,
+                        f"--max_train_steps {args.max_train_steps}")
+    if args.num_train_epochs is not None:
+        return Schedule(updates, args.num_train_epochs * updates, args.num_train_epochs,
+                        f"--num_train_epochs {args.num_train_epochs}")
+    default = args.task_num_train_epochs
+    if args.max_train_samples is not None:
+        # A cut for a quick or debugging run (as in Transformers' examples), not the user's data: 400 steps of a
+        # 32-example smoke test would be 400 epochs.
+        args.num_train_epochs = default
+        return Schedule(updates, default * updates, default,
+                        f"the task's default {default} epoch(s) ({default * updates} steps of {updates}): "
+                        f"--max_train_samples {args.max_train_samples} is a quick run, where --min_train_steps does "
+                        "not apply; pass --num_train_epochs for more")
+    epochs = max(default, math.ceil(args.min_train_steps / updates))
+    if epochs == default:
+        reason = (f"the task's default {default} epoch(s) ({default * updates} steps of {updates}) reach "
+                  f"--min_train_steps {args.min_train_steps}")
+    else:
+        reason = (f"the task's default {default} epoch(s) would be only {default * updates} steps of {updates}, "
+                  f"fewer than --min_train_steps {args.min_train_steps}: raised to {epochs} epochs")
+    args.num_train_epochs = epochs
+    return Schedule(updates, epochs * updates, epochs, reason)
