@@ -34,12 +34,13 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
+from common.accelerator import make_accelerator
 from common.args import TaskDefaults
 from common.args import parse_args as parse_recipe_args
 from common.batching import eval_dataloader
 from common.data import load_hub_dataset, require_nonempty, take
 from common.errors import RecipeError, run_main
-from common.loop import make_accelerator, train
+from common.loop import train
 from common.methods import apply_method, load_model, load_tokenizer
 from common.outputs import RunOutputs, save_outputs
 from common.schedule import plan_schedule

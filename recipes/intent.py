@@ -18,6 +18,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Optional
 
+from common.accelerator import make_accelerator
 from common.args import TaskDefaults
 from common.args import parse_args as parse_recipe_args
 from common.batching import eval_loaders, without_index
@@ -25,7 +26,7 @@ from common.calibration import CalibrationData
 from common.data import Example, hub_text_classification_splits, label_set_and_slices, read_table, resolve_data_dir
 from common.distill import load_teacher, make_loss
 from common.errors import RecipeError, run_main
-from common.loop import default_loss, make_accelerator, train
+from common.loop import default_loss, train
 from common.methods import apply_method, label_config, load_model, load_tokenizer
 from common.outputs import RunOutputs, finish_run
 from common.schedule import plan_schedule

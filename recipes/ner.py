@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
+from common.accelerator import make_accelerator
 from common.args import TaskDefaults
 from common.args import parse_args as parse_recipe_args
 from common.batching import eval_loaders, predict, without_index
@@ -24,7 +25,7 @@ from common.calibration import CalibrationData
 from common.data import label_set_and_slices, load_hub_dataset, resolve_data_dir
 from common.distill import load_teacher, make_loss, token_mask
 from common.errors import RecipeError, run_main
-from common.loop import default_loss, make_accelerator, train
+from common.loop import default_loss, train
 from common.methods import apply_method, label_config, load_model, load_tokenizer
 from common.outputs import RunOutputs, finish_run
 from common.schedule import plan_schedule

@@ -30,6 +30,7 @@ from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
+from common.accelerator import make_accelerator
 from common.args import TaskDefaults
 from common.args import parse_args as parse_recipe_args
 from common.batching import IndexedCollator, eval_dataloader
@@ -37,7 +38,7 @@ from common.calibration import CalibrationData
 from common.data import require_nonempty, resolve_data_dir, take
 from common.distill import load_teacher, make_loss
 from common.errors import RecipeError, run_main
-from common.loop import make_accelerator, train
+from common.loop import train
 from common.methods import apply_method, load_model, load_tokenizer
 from common.outputs import RunOutputs, finish_run
 from common.schedule import plan_schedule

@@ -5,7 +5,9 @@
     distill       a frozen teacher's soft targets                        (errors, methods)
     args          the shared flags and their checks                      (data, methods, distill, schedule, ...)
     checkpoint    checkpoints and the output folder                      (errors)
-    loop          the Accelerator and the training loop                  (batching, checkpoint, methods, schedule)
+    accelerator   the Accelerator, its trackers and the seed             (checkpoint, errors)
+    loop          the training loop: TrainState carried through resume, epochs, validation and the result
+                                                                         (batching, checkpoint, methods, schedule)
     card          the model card                                         (distill)
     outputs       what a run leaves in --output_dir, and the closing steps (args, card, checkpoint, loop, methods)
     text_classification   what sentiment.py and intent.py share          (batching, data)
