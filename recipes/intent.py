@@ -84,7 +84,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
     started = time.perf_counter()
     args = parse_args(argv)
 
-    # Data: 77 classes, those of the whole training file (also under --max_train_samples, which keeps all of them).
+    # Data: the classes are the whole training file's (Banking77: 77), also under --max_train_samples.
     splits, where = load_splits(args)
     labels, splits = label_set_and_slices(args, splits, where, lambda row: [row[1]])
     accelerator = make_accelerator(args)
@@ -93,7 +93,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
     collator = DataCollatorWithPadding(tokenizer)
     schedule = plan_schedule(args, len(features["train"]), accelerator.num_processes)
 
-    # Model and method: a 77-way head on the encoder (the training examples calibrate --init_weights corda|gradient).
+    # Model and method: one output per class (the training examples calibrate --init_weights corda|gradient).
     model = load_model(AutoModelForSequenceClassification, args, **label_config(labels))
     model = apply_method(model, args, "SEQ_CLS", schedule.max_train_steps,
                          calibration=CalibrationData(features["train"], collator, default_loss))
