@@ -108,9 +108,10 @@ def _export_lora(args: argparse.Namespace) -> int:
     from safetensors import safe_open
 
     from .export import export_lora
+    from .format import SAFETENSORS_WEIGHTS_NAME
 
     out = export_lora(args.adapter_dir, args.out_dir, base=args.base)
-    with safe_open(str(out / "adapter_model.safetensors"), "pt") as handle:
+    with safe_open(str(out / SAFETENSORS_WEIGHTS_NAME), "pt") as handle:
         keys = [k for k in handle.keys() if k.endswith(("lora_A.weight", "lora_embedding_A"))]
         ranks = [handle.get_slice(k).get_shape()[0] for k in keys]
     print(f"wrote LoRA adapter to {out} ({len(ranks)} layers, LoRA rank {min(ranks)}-{max(ranks)}); load it with "
@@ -129,12 +130,13 @@ def _merge(args: argparse.Namespace) -> int:
 def _compress(args: argparse.Namespace) -> int:
     from ._io import human_size
     from .export import compress, full_rank
-    from .snapshot import SAFETENSORS_NAME, snapshot_from_dir
+    from .format import SAFETENSORS_WEIGHTS_NAME
+    from .snapshot import snapshot_from_dir
 
     snapshot = snapshot_from_dir(args.adapter_dir)
     before = snapshot.file_size()
     report = compress(args.adapter_dir, args.out_dir, args.r)
-    after = (report.out_dir / SAFETENSORS_NAME).stat().st_size
+    after = (report.out_dir / SAFETENSORS_WEIGHTS_NAME).stat().st_size
     print(report)
     print(f"\nwrote rank-{args.r} LRA adapter to {report.out_dir} ({human_size(before)} -> {human_size(after)}); "
           f"relative error of ΔW over all layers: {report.total_error:.3e}")

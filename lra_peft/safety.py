@@ -43,11 +43,9 @@ import torch
 from torch import nn
 
 from ._io import errors_naming, make_temp_dir, normalize_permissions, not_a_file
+from .format import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
 ALLOW_BIN_ENV = "LRA_PEFT_ALLOW_BIN"
-CONFIG_NAME = "adapter_config.json"
-SAFETENSORS_NAME = "adapter_model.safetensors"
-BIN_NAME = "adapter_model.bin"
 
 # True while PeftModel.from_pretrained / load_adapter handles an LRA adapter (read by the torch.load guard).
 _LRA_LOAD: contextvars.ContextVar[bool] = contextvars.ContextVar("lra_peft_lra_load", default=False)
@@ -163,7 +161,7 @@ def not_a_file_error(path: Union[str, os.PathLike]) -> Optional[AdapterFileError
 def find_weights_file(folder: Union[str, os.PathLike]) -> Optional[Path]:
     """The adapter weights file of a local adapter folder (safetensors preferred), or None."""
     folder = Path(folder)
-    for name in (SAFETENSORS_NAME, BIN_NAME):
+    for name in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME):
         if (folder / name).is_file():
             return folder / name
     return None
@@ -199,11 +197,11 @@ def _check_local_lra_weights(folder: Path) -> Optional[dict[str, tuple[int, ...]
     shapes (None for a `.bin`)."""
     weights = find_weights_file(folder)
     if weights is None:
-        raise not_a_file_error(folder / SAFETENSORS_NAME) or AdapterFileNotFoundError(
-            f"{folder} has {CONFIG_NAME} but no {SAFETENSORS_NAME}; save the adapter again")
-    if weights.name == BIN_NAME and not bin_allowed():
+        raise not_a_file_error(folder / SAFETENSORS_WEIGHTS_NAME) or AdapterFileNotFoundError(
+            f"{folder} has {CONFIG_NAME} but no {SAFETENSORS_WEIGHTS_NAME}; save the adapter again")
+    if weights.name == WEIGHTS_NAME and not bin_allowed():
         raise _bin_refused(weights)
-    if weights.name == SAFETENSORS_NAME:
+    if weights.name == SAFETENSORS_WEIGHTS_NAME:
         return check_safetensors_file(weights)
     return None
 
@@ -422,7 +420,7 @@ def install_safety_hooks() -> None:
     def torch_load(*args: Any, **kwargs: Any) -> Any:
         if _LRA_LOAD.get():
             if not bin_allowed():
-                raise _bin_refused(args[0] if args else kwargs.get("f", BIN_NAME))
+                raise _bin_refused(args[0] if args else kwargs.get("f", WEIGHTS_NAME))
             kwargs["weights_only"] = True
         return original_torch_load(*args, **kwargs)
 
@@ -485,7 +483,7 @@ def install_safety_hooks() -> None:
             return original_save(self, save_directory, *args, **kwargs)
         if arguments.get("safe_serialization", True) is False:
             warnings.warn(
-                f"safe_serialization=False writes the LRA adapter as a pickle file ({BIN_NAME}), which lra-peft only "
+                f"safe_serialization=False writes the LRA adapter as a pickle file ({WEIGHTS_NAME}), which lra-peft only "
                 f"loads with {ALLOW_BIN_ENV}=1; keep the default (safetensors) unless a tool needs the .bin file.",
                 stacklevel=2,
             )

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -22,30 +21,21 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
-from peft.utils.other import get_pattern_key
 from torch import nn
 
 from ._registration import LRA_PEFT_TYPE_NAME
 from .config import LRAConfig
-
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-SAFETENSORS_NAME = "adapter_model.safetensors"
-BIN_NAME = "adapter_model.bin"
-METRICS_NAME = "metrics.json"
-KEY_PREFIX = "base_model.model."
-_FACTOR_KEY = re.compile(
-    r"^base_model\.model\.(?P<module>.+)\.(?P<factor>lra_U0|lra_lambda0|lra_V0|lra_U|lra_lambda|lra_V)$"
+from .format import (
+    CONFIG_NAME,
+    KEY_PREFIX,
+    METRICS_NAME,
+    SAFETENSORS_WEIGHTS_NAME,
+    TASKS,
+    layer_type,
+    matrix_dims,
+    module_rank_alpha,
+    split_factor_key,
 )
-
-# PEFT task types -> the transformers Auto class that AutoPeftModelFor<task> loads the base with.
-TASK_TO_AUTO_CLASS = {
-    "SEQ_CLS": "AutoModelForSequenceClassification",
-    "TOKEN_CLS": "AutoModelForTokenClassification",
-    "CAUSAL_LM": "AutoModelForCausalLM",
-    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
-    "QUESTION_ANS": "AutoModelForQuestionAnswering",
-    "FEATURE_EXTRACTION": "AutoModel",
-}
 
 ModelOrDir = Union[str, os.PathLike, nn.Module]
 
@@ -205,8 +195,8 @@ def read_adapter_config(adapter_dir: Union[str, os.PathLike]) -> dict:
                                     "does not exist (a broken link)")
         raise FileNotFoundError(f"adapter folder {str(path)!r} does not exist")
     if not path.is_dir():
-        raise NotADirectoryError(f"{str(path)!r} is a file; pass the adapter folder that holds {ADAPTER_CONFIG_NAME}")
-    config_file = path / ADAPTER_CONFIG_NAME
+        raise NotADirectoryError(f"{str(path)!r} is a file; pass the adapter folder that holds {CONFIG_NAME}")
+    config_file = path / CONFIG_NAME
     from .safety import not_a_file_error, read_config_file  # the same clear errors as loading with PEFT
 
     problem = not_a_file_error(config_file)
@@ -214,7 +204,7 @@ def read_adapter_config(adapter_dir: Union[str, os.PathLike]) -> dict:
         raise problem
     if not config_file.is_file():
         raise FileNotFoundError(
-            f"{str(path)!r} has no {ADAPTER_CONFIG_NAME}, so it is not a saved PEFT adapter (save one with "
+            f"{str(path)!r} has no {CONFIG_NAME}, so it is not a saved PEFT adapter (save one with "
             "PeftModel.save_pretrained)"
         )
     return read_config_file(config_file)
@@ -234,8 +224,8 @@ def snapshot_from_dir(adapter_dir: Union[str, os.PathLike]) -> AdapterSnapshot:
 
     weights_file = find_weights_file(path)
     if weights_file is None:
-        raise not_a_file_error(path / SAFETENSORS_NAME) or FileNotFoundError(
-            f"{str(path)!r} has {ADAPTER_CONFIG_NAME} but no {SAFETENSORS_NAME}")
+        raise not_a_file_error(path / SAFETENSORS_WEIGHTS_NAME) or FileNotFoundError(
+            f"{str(path)!r} has {CONFIG_NAME} but no {SAFETENSORS_WEIGHTS_NAME}")
     # Safetensors only, with a clear error for a damaged file; a pickle .bin needs LRA_PEFT_ALLOW_BIN=1.
     state = load_weights_file(weights_file)
     layers, extra = _split_state_dict(state, str(path))
@@ -293,11 +283,12 @@ def _split_state_dict(
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     extra = {}
     for key, tensor in state.items():
-        match = _FACTOR_KEY.match(key)
-        if match is None:
+        parsed = split_factor_key(key)
+        if parsed is None or not parsed[0].startswith(KEY_PREFIX) or len(parsed[0]) == len(KEY_PREFIX):
             extra[key] = tensor
             continue
-        grouped.setdefault(match.group("module"), {})[match.group("factor")] = tensor
+        module, factor = parsed
+        grouped.setdefault(module[len(KEY_PREFIX):], {})[factor] = tensor
     if not grouped:
         raise ValueError(f"{where} holds no LRA factors (no '*.lra_U' / '*.lra_lambda' / '*.lra_V' tensors)")
     layers = {}
@@ -330,7 +321,7 @@ def head_num_labels(snapshot: AdapterSnapshot) -> Optional[int]:
         return None
     for head in snapshot.config.modules_to_save or []:
         for suffix in (f"{head}.weight", f"{head}.out_proj.weight"):
-            tensor = snapshot.extra.get(f"base_model.model.{suffix}")
+            tensor = snapshot.extra.get(f"{KEY_PREFIX}{suffix}")
             if tensor is not None and tensor.dim() == 2:
                 return int(tensor.shape[0])
     return None
@@ -338,8 +329,7 @@ def head_num_labels(snapshot: AdapterSnapshot) -> Optional[int]:
 
 def layer_scaling(config: LRAConfig, name: str) -> float:
     """s = lra_alpha / r of module `name`, resolved from rank_pattern / alpha_pattern exactly as `LRAModel` does."""
-    r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), name), config.r)
-    alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), name), config.lra_alpha)
+    r, alpha = module_rank_alpha(config, name)
     return float(alpha) / float(r)
 
 
@@ -351,8 +341,8 @@ def base_model_class(snapshot: AdapterSnapshot) -> type:
     import transformers
 
     task_type = snapshot.config.task_type
-    if task_type is not None and str(task_type) in TASK_TO_AUTO_CLASS:
-        return getattr(transformers, TASK_TO_AUTO_CLASS[str(task_type)])
+    if task_type is not None and str(task_type) in TASKS:
+        return getattr(transformers, TASKS[str(task_type)].auto_class)
     mapping = snapshot.auto_mapping or {}
     library = mapping.get("parent_library", "")
     if library == "transformers" or library.startswith("transformers."):
@@ -414,22 +404,13 @@ def describe_layers(layers: dict[str, LayerFactors], model: nn.Module, base_desc
 
 
 def module_kind(module: nn.Module, name: str) -> tuple[str, int, int]:
-    """`(kind, in_features, out_features)` of a base module in LRA's matrix view."""
-    from peft.tuners.tuners_utils import _get_in_out_features
-    from transformers.pytorch_utils import Conv1D
-
-    if isinstance(module, nn.Embedding):
-        return "embedding", module.num_embeddings, module.embedding_dim
-    if isinstance(module, nn.Conv2d):
-        kh, kw = module.kernel_size
-        return "conv2d", module.in_channels // module.groups * kh * kw, module.out_channels
-    if isinstance(module, Conv1D):
-        in_features, out_features = module.weight.shape
-        return "conv1d", in_features, out_features
-    in_features, out_features = _get_in_out_features(module)
-    if in_features is None or out_features is None:
+    """`(kind, in_features, out_features)` of a base module in LRA's matrix view (`format.layer_type`,
+    `format.matrix_dims`)."""
+    kind = layer_type(module)
+    if kind is None:
         raise ValueError(f"module {name!r} is a {type(module).__name__}, which LRA does not adapt")
-    return "linear", in_features, out_features
+    in_features, out_features = matrix_dims(module, kind)
+    return kind, in_features, out_features
 
 
 def _base_desc(base: Optional[ModelOrDir], snapshot: AdapterSnapshot) -> str:
