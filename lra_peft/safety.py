@@ -42,7 +42,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from ._io import errors_naming, make_temp_dir, normalize_permissions, not_a_file
+from ._io import atomic_output_dir, not_a_file
 from .format import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
 ALLOW_BIN_ENV = "LRA_PEFT_ALLOW_BIN"
@@ -332,70 +332,6 @@ def _has_lra_adapter(model: Any) -> bool:
     return isinstance(configs, dict) and any(isinstance(c, LRAConfig) for c in configs.values())
 
 
-def _commit_rank(path: Path) -> int:
-    # adapter_config.json is what makes a folder an adapter: it goes after the weights, the card describing both last.
-    return {CONFIG_NAME: 1, "README.md": 2}.get(path.name, 0)
-
-
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # not every file system supports fsync (of folders)
-    finally:
-        os.close(fd)
-
-
-def _move_tree(src: Path, dst: Path) -> None:
-    dst.mkdir(parents=True, exist_ok=True)
-    for item in sorted(src.iterdir(), key=lambda p: (_commit_rank(p), p.name)):
-        target = dst / item.name
-        if item.is_dir() and target.is_dir():
-            _move_tree(item, target)
-        else:
-            os.replace(item, target)
-    _fsync(dst)
-
-
-def commit_folder(tmp: Path, final: Path) -> None:
-    """Move the files of the filled folder `tmp` into `final` by renames (each file replaced atomically)."""
-    for path in tmp.rglob("*"):
-        if path.is_file():
-            _fsync(path)  # the data is on disk before a rename makes it visible
-    normalize_permissions(tmp)
-    if not final.exists():
-        try:
-            os.replace(tmp, final)  # a new folder appears whole
-            _fsync(final.parent)
-            return
-        except OSError:
-            pass  # created meanwhile by someone else: merge file by file
-    _move_tree(tmp, final)
-
-
-@contextmanager
-def atomic_save_dir(save_directory: Union[str, os.PathLike]) -> Iterator[Path]:
-    """Yield a hidden temporary folder next to `save_directory`; on success its files are renamed into place."""
-    final = Path(save_directory).expanduser()
-    if final.is_file():
-        raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
-    # The temporary folder must be on the same file system as the target, for the renames to be atomic.
-    final = final.resolve() if final.exists() else final.absolute()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(final.parent, final.name)
-    try:
-        with errors_naming(final, tmp):
-            yield tmp
-            commit_folder(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 # ------------------------------------------------------------------------------------------------ PEFT hooks
 def install_safety_hooks() -> None:
     """Install the guards described in the module docstring (idempotent)."""
@@ -488,7 +424,9 @@ def install_safety_hooks() -> None:
                 stacklevel=2,
             )
         final = Path(save_directory).expanduser()
-        with atomic_save_dir(final) as tmp:
+        if final.is_file():
+            raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")  # PEFT's error
+        with atomic_output_dir(final) as tmp:
             readme = final / "README.md"
             if readme.is_file():
                 shutil.copy2(readme, tmp / "README.md")  # PEFT and lra_peft.hub update a user's card, not replace it
