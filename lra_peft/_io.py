@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Union
 
+from transformers import AutoTokenizer
+
 from .format import CONFIG_NAME
 
 PathLike = Union[str, os.PathLike]
@@ -235,8 +237,6 @@ def save_tokenizer(src: PathLike | None, dst: PathLike, *, local_files_only: boo
     """
     if src is None:
         return False
-    from transformers import AutoTokenizer
-
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(src), local_files_only=local_files_only)
     except Exception:  # noqa: BLE001 - no tokenizer there (an adapter folder, a model saved without one) is fine

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import statistics
 import sys
@@ -15,14 +16,22 @@ import warnings
 from collections.abc import Sequence
 from typing import Any, Optional
 
+from huggingface_hub.utils import disable_progress_bars
+from safetensors import safe_open
+from transformers.utils import logging as transformers_logging
+
+from ._io import human_size
+from ._version import __version__
+from .export import compress, export_lora, export_merged, full_rank
+from .format import SAFETENSORS_WEIGHTS_NAME
+from .hub import push_to_hub
+from .report import plot_rank_report, rank_report, require_matplotlib
+from .snapshot import snapshot_from_dir
+
 EPILOG = "Run `lra-peft COMMAND --help` for the options of a command."
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from ._io import human_size
-    from .report import plot_rank_report, rank_report, require_matplotlib
-    from .snapshot import snapshot_from_dir
-
     if args.plot:
         require_matplotlib()  # before any work: say what to install, not fail at the end
     snapshot = snapshot_from_dir(args.adapter_dir)
@@ -105,11 +114,6 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _export_lora(args: argparse.Namespace) -> int:
-    from safetensors import safe_open
-
-    from .export import export_lora
-    from .format import SAFETENSORS_WEIGHTS_NAME
-
     out = export_lora(args.adapter_dir, args.out_dir, base=args.base)
     with safe_open(str(out / SAFETENSORS_WEIGHTS_NAME), "pt") as handle:
         keys = [k for k in handle.keys() if k.endswith(("lora_A.weight", "lora_embedding_A"))]
@@ -120,19 +124,12 @@ def _export_lora(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from .export import export_merged
-
     out = export_merged(args.adapter_dir, args.out_dir, base=args.base, safe_merge=not args.no_safe_merge)
     print(f"wrote merged model to {out}; load it with transformers' AutoModel*.from_pretrained(path)")
     return 0
 
 
 def _compress(args: argparse.Namespace) -> int:
-    from ._io import human_size
-    from .export import compress, full_rank
-    from .format import SAFETENSORS_WEIGHTS_NAME
-    from .snapshot import snapshot_from_dir
-
     snapshot = snapshot_from_dir(args.adapter_dir)
     before = snapshot.file_size()
     report = compress(args.adapter_dir, args.out_dir, args.r)
@@ -147,8 +144,6 @@ def _compress(args: argparse.Namespace) -> int:
 
 
 def _push(args: argparse.Namespace) -> int:
-    from .hub import push_to_hub
-
     info = push_to_hub(
         args.adapter_dir,
         args.repo_id,
@@ -173,8 +168,6 @@ def _tolerance(value: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
     parser = argparse.ArgumentParser(
         prog="lra-peft", description="Inspect, convert and publish LRA adapters (lra-peft).", epilog=EPILOG
     )
@@ -254,16 +247,11 @@ def _one_line(exc: BaseException) -> str:
 
 def _quiet_libraries() -> None:
     """Only lra-peft's own warnings reach the terminal, each on one line."""
-    import logging
-
     warnings.filterwarnings("ignore")
     warnings.filterwarnings("default", module=r"lra_peft(\.|$)")
     warnings.showwarning = lambda message, *a, **k: print(f"lra-peft: warning: {message}", file=sys.stderr)
     for name in ("transformers", "peft", "huggingface_hub", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    from huggingface_hub.utils import disable_progress_bars
-    from transformers.utils import logging as transformers_logging
-
     disable_progress_bars()
     transformers_logging.disable_progress_bar()
 

@@ -22,6 +22,7 @@ import functools
 from typing import Union
 
 import torch
+from peft.tuners.lora.conversion import _find_cutoff_index
 
 from .snapshot import LayerFactors
 
@@ -47,8 +48,6 @@ def lra_to_lora(module, rank: Union[int, float], adapter_name: str = "default") 
 
     lora_A is rank × in, lora_B is out × rank, in the adapter's dtype.
     """
-    from peft.tuners.lora.conversion import _find_cutoff_index
-
     dtype = module.lra_U[adapter_name].dtype
     B, A = layer_factors(module, adapter_name).residual_free_factors()  # float32: out × k, k × in
     if not (isinstance(rank, int) and rank >= B.shape[1]):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import math
 import os
 import re
 import shutil
@@ -20,7 +21,15 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import peft
+import torch
+import transformers
+from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
 from ._io import PathLike, atomic_write_bytes
+from ._version import __version__
+from .config import LRAConfig
 from .format import CONFIG_NAME, METRICS_NAME, TASKS
 from .snapshot import (
     AdapterSnapshot,
@@ -46,8 +55,6 @@ def hub_id(name: Optional[str]) -> Optional[str]:
 
     Validity is `huggingface_hub.utils.validate_repo_id`'s, the same rules the Hub client applies.
     """
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     if not isinstance(name, str) or not name or name.startswith((".", "~")) or os.path.exists(name):
         return None
     try:
@@ -116,12 +123,6 @@ def _fmt(value: Any) -> str:
 
 def framework_versions() -> list[str]:
     """The "### Framework versions" lines of a card: the libraries an adapter needs to load as it was trained."""
-    import peft
-    import torch
-    import transformers
-
-    from . import __version__
-
     return [f"- lra-peft {__version__}", f"- PEFT {peft.__version__}", f"- Transformers {transformers.__version__}",
             f"- PyTorch {torch.__version__}"]
 
@@ -142,10 +143,6 @@ def eval_results(
 
     Only finite numbers are kept; `dataset_type` should be the dataset's Hub id where it has one.
     """
-    import math
-
-    from huggingface_hub import EvalResult
-
     results = []
     for split, values in metrics_by_split.items():
         for name, value in values.items():
@@ -316,8 +313,6 @@ def build_card(
     Metadata (`huggingface_hub.ModelCardData`): library_name, tags, pipeline_tag, base_model (a Hub id, never a
     local path) and, when `metrics` come from a recipe's metrics.json and the card has none yet, a model-index.
     """
-    from huggingface_hub import ModelCard, ModelCardData
-
     base = public_base_model(snapshot.base_model_name_or_path)
     task = TASKS.get(str(snapshot.config.task_type))
     if existing and existing.strip():
@@ -370,9 +365,6 @@ def write_card(
 
 def lora_export_card(snapshot: AdapterSnapshot, ranks: dict[str, int]) -> str:
     """README.md of a LoRA export (metadata through `huggingface_hub.ModelCardData`; no local path in it)."""
-    import peft
-    from huggingface_hub import ModelCard, ModelCardData
-
     base = public_base_model(snapshot.base_model_name_or_path)
     data = ModelCardData(library_name="peft", tags=["lora", "lra-peft", *([f"base_model:adapter:{base}"] if base else [])],
                          base_model=base)
@@ -425,8 +417,6 @@ def upload_folder(
     create_pr: bool = False,
 ) -> Any:
     """Create `repo_id` if needed and commit every file of `folder` to it in one commit; returns the CommitInfo."""
-    from huggingface_hub import CommitOperationAdd, HfApi
-
     api = HfApi()
     repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
     if revision is not None and not create_pr:
@@ -501,8 +491,6 @@ def push_to_hub(
 
 # ---------------------------------------------------------------------------------------------- PEFT hooks
 def _lra_adapter(model: Any) -> Optional[str]:
-    from .config import LRAConfig
-
     configs = getattr(model, "peft_config", {}) or {}
     active = getattr(model, "active_adapter", None)
     if isinstance(active, str) and isinstance(configs.get(active), LRAConfig):

@@ -26,14 +26,19 @@ from torch import nn
 
 from .calibration import calibration_stats
 from .config import DATA_AWARE_INITS, LRAConfig
-from .decomposition import corda_factors, gradient_factors, random_orthonormal, top_or_bottom_svd
+from .decomposition import (
+    corda_factors,
+    gradient_factors,
+    random_orthonormal,
+    refine_quantized_init,
+    top_or_bottom_svd,
+)
 from .format import matrix_dims
 from .quantization import (
     full_precision_weight,
     has_full_precision_source,
     is_bnb_backend,
     quantization_backend_for,
-    refine_quantized_init,
     restore_quantized_storage,
     save_quantized_storage,
 )

@@ -19,6 +19,7 @@ from peft.tuners.tuners_utils import (
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, resolve_quantization_backend
 from peft.utils.error import NoMatchingPeftModuleError
 from peft.utils.quantization_utils import ForwardOnlyQuantizationBackend
+from peft.utils.save_and_load import _peft_key_to_original_key
 from torch import nn
 
 from .allocation import RankAllocator, check_not_loading_cut_into_full_rank, cut_adapter_state_dict
@@ -35,6 +36,7 @@ from .format import (
     split_factor_key,
 )
 from .layer import Conv2d, Embedding, Linear, LRALayer
+from .quantization import is_bnb_backend
 from .regularization import orthogonal_loss
 from .safety import AdapterContentError, checkpoint_shapes
 
@@ -532,13 +534,52 @@ class LRAModel(BaseTuner):
                                       to_return)
 
 
+# ------------------------------------------------------------------------------------ continuing training
+def restore_quantized_residual(model: nn.Module, adapter_name: str = "default") -> int:
+    """Make a loaded SVD-initialised adapter (`"principal"`, `"minor"`, `"corda"`, `"gradient"`) own its quantized
+    residual again, as during its training.
+
+    A saved SVD-initialised adapter stores ΔW₀ (`lra_U0`, `lra_lambda0`, `lra_V0`). Loaded onto the quantized
+    pretrained model, whose base holds Q(W), it subtracts ΔW₀ in the forward pass: Q(W) − ΔW₀ + ΔW. The model it
+    was trained with held Q(W − ΔW₀) + ΔW instead. This puts Q(W − ΔW₀) back into every quantized base (from the
+    checkpoint's full-precision W when the model came from `quantized_load`, which makes the result bit-identical to
+    the training-time base) and makes the adapter the layer's residual owner.
+
+    Args:
+        model: A `PeftModel` (or any module) holding LRA layers with the adapter `adapter_name`.
+        adapter_name: The SVD-initialised adapter to restore.
+
+    Returns:
+        The number of quantized layers whose base weight was replaced.
+    """
+    layers = [m for m in model.modules() if isinstance(m, LRALayer) and adapter_name in m.lra_U0]
+    if not layers:
+        raise ValueError(
+            f"restore_quantized_residual: no LRA layer holds an SVD-initialised adapter {adapter_name!r} "
+            "(init_weights 'principal', 'minor', 'corda' or 'gradient'); pass the name the adapter was loaded "
+            "under."
+        )
+    changed = 0
+    for layer in layers:
+        if not is_bnb_backend(layer.quantization_backend) or layer.residual_owner == adapter_name:
+            continue
+        if layer.residual_owner is not None:
+            raise ValueError(
+                f"restore_quantized_residual: adapter {layer.residual_owner!r} already owns the residual of a layer; "
+                f"delete it (or load {adapter_name!r} into a fresh model) first."
+            )
+        if layer.merged:
+            raise ValueError("restore_quantized_residual: unmerge the adapters first (`unmerge_adapter()`).")
+        layer._subtract_init_from_base(adapter_name)
+        changed += 1
+    return changed
+
+
 # ------------------------------------------------------------------------------------- base model state dict
 def _init_deltas(model: nn.Module) -> dict[str, tuple[LRALayer, torch.Tensor]]:
     """Original (pre-PEFT) weight key -> (layer, ΔW₀ in the weight's native layout) for every layer whose base holds
     the residual W − ΔW₀ of a principal/minor adapter that is not merged. Quantized bases are left out: their
     residual Q(W − ΔW₀) has no exact full-precision original to hand back."""
-    from peft.utils.save_and_load import _peft_key_to_original_key
-
     inner = getattr(getattr(model, "base_model", None), "model", None)
     if not isinstance(getattr(model, "base_model", None), LRAModel) or inner is None:
         return {}

@@ -40,15 +40,20 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+from peft import PeftConfig
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 
 from ._io import atomic_output_dir, not_a_file
+from ._peft_type import LRA_PEFT_TYPE_NAME
+from .config import LOADING_LRA_ADAPTER, LRAConfig
 from .format import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
 ALLOW_BIN_ENV = "LRA_PEFT_ALLOW_BIN"
 
-# True while PeftModel.from_pretrained / load_adapter handles an LRA adapter (read by the torch.load guard).
-_LRA_LOAD: contextvars.ContextVar[bool] = contextvars.ContextVar("lra_peft_lra_load", default=False)
+# True while PeftModel.from_pretrained / load_adapter handles an LRA adapter (read by the torch.load guard and config).
+_LRA_LOAD = LOADING_LRA_ADAPTER
 # True inside a guarded load, so that PeftModel.from_pretrained's own call of load_adapter is not guarded twice.
 _GUARDED: contextvars.ContextVar[bool] = contextvars.ContextVar("lra_peft_guarded", default=False)
 # Tensor name -> shape, from the header of the local adapter file a guarded load reads (None: not known).
@@ -117,8 +122,6 @@ def read_config_file(path: Union[str, os.PathLike]) -> dict:
 
 def check_safetensors_file(path: Union[str, os.PathLike]) -> dict[str, tuple[int, ...]]:
     """Check that `path` is a complete safetensors file (header only, cheap); return its tensors' names and shapes."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as handle:
             return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
@@ -133,8 +136,6 @@ def load_weights_file(path: Union[str, os.PathLike], device: str = "cpu") -> dic
     """The tensors of an adapter weights file: safetensors, or a `.bin` only with `LRA_PEFT_ALLOW_BIN=1`."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         check_safetensors_file(path)
         try:
             return load_file(str(path), device=device)
@@ -207,8 +208,6 @@ def _check_local_lra_weights(folder: Path) -> Optional[dict[str, tuple[int, ...]
 
 
 def _is_lra_type(peft_type: Any) -> bool:
-    from ._registration import LRA_PEFT_TYPE_NAME
-
     return str(getattr(peft_type, "value", peft_type)) == LRA_PEFT_TYPE_NAME
 
 
@@ -217,8 +216,6 @@ def _peek_is_lra(model_id: Any, hub_kwargs: dict) -> bool:
     folder = _local_folder(model_id, hub_kwargs.get("subfolder"))
     if folder is not None:
         return _is_lra_type(_check_local_adapter(folder).get("peft_type"))
-    from peft import PeftConfig
-
     try:
         return _is_lra_type(PeftConfig._get_peft_type(model_id, **hub_kwargs))
     except Exception:  # noqa: BLE001 - PEFT's own call right after reports why the config is unavailable
@@ -326,8 +323,6 @@ def _explain_read_error(exc: BaseException, model_id: Any, folder: Optional[Path
 
 # ---------------------------------------------------------------------------------------------------- saving
 def _has_lra_adapter(model: Any) -> bool:
-    from .config import LRAConfig
-
     configs = getattr(model, "peft_config", None) or {}
     return isinstance(configs, dict) and any(isinstance(c, LRAConfig) for c in configs.values())
 

@@ -12,6 +12,7 @@ in the out × in "matrix view" of the layer (see `LRALayer._to_matrix`).
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import warnings
@@ -21,7 +22,11 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+import transformers
+from peft import PeftModel
+from peft.utils import get_peft_model_state_dict
 from torch import nn
+from transformers import AutoConfig
 
 from ._registration import LRA_PEFT_TYPE_NAME
 from .config import LRAConfig
@@ -36,6 +41,8 @@ from .format import (
     module_rank_alpha,
     split_factor_key,
 )
+from .layer import LRALayer
+from .safety import find_weights_file, load_weights_file, not_a_file_error, read_config_file  # loading's errors
 
 ModelOrDir = Union[str, os.PathLike, nn.Module]
 
@@ -197,8 +204,6 @@ def read_adapter_config(adapter_dir: Union[str, os.PathLike]) -> dict:
     if not path.is_dir():
         raise NotADirectoryError(f"{str(path)!r} is a file; pass the adapter folder that holds {CONFIG_NAME}")
     config_file = path / CONFIG_NAME
-    from .safety import not_a_file_error, read_config_file  # the same clear errors as loading with PEFT
-
     problem = not_a_file_error(config_file)
     if problem is not None:
         raise problem
@@ -220,8 +225,6 @@ def snapshot_from_dir(adapter_dir: Union[str, os.PathLike]) -> AdapterSnapshot:
             f"peft_type={peft_type!r}); this works on adapters saved from an LRA model"
         )
     config = LRAConfig.from_pretrained(str(path))
-    from .safety import find_weights_file, load_weights_file, not_a_file_error
-
     weights_file = find_weights_file(path)
     if weights_file is None:
         raise not_a_file_error(path / SAFETENSORS_WEIGHTS_NAME) or FileNotFoundError(
@@ -242,11 +245,6 @@ def snapshot_from_dir(adapter_dir: Union[str, os.PathLike]) -> AdapterSnapshot:
 
 
 def snapshot_from_model(model: nn.Module, adapter_name: str = "default") -> AdapterSnapshot:
-    from peft import PeftModel
-    from peft.utils import get_peft_model_state_dict
-
-    from .layer import LRALayer
-
     if not isinstance(model, PeftModel):
         raise TypeError(
             f"expected a PeftModel (from get_peft_model or PeftModel.from_pretrained), got {type(model).__name__}"
@@ -336,10 +334,6 @@ def layer_scaling(config: LRAConfig, name: str) -> float:
 # ----------------------------------------------------------------------------------------------- base models
 def base_model_class(snapshot: AdapterSnapshot) -> type:
     """The transformers class that `AutoPeftModel*` would load this adapter's base model with."""
-    import importlib
-
-    import transformers
-
     task_type = snapshot.config.task_type
     if task_type is not None and str(task_type) in TASKS:
         return getattr(transformers, TASKS[str(task_type)].auto_class)
@@ -355,8 +349,6 @@ def base_model_class(snapshot: AdapterSnapshot) -> type:
 
 def skeleton_model(snapshot: AdapterSnapshot, base: Optional[Union[str, os.PathLike]] = None) -> Optional[nn.Module]:
     """The base model's module tree on the meta device (no weights), from a local config.json; None if unavailable."""
-    from transformers import AutoConfig
-
     base_id = str(base) if base is not None else snapshot.base_model_name_or_path
     if not base_id:
         return None
@@ -375,8 +367,6 @@ def skeleton_model(snapshot: AdapterSnapshot, base: Optional[Union[str, os.PathL
 
 def describe_layers(layers: dict[str, LayerFactors], model: nn.Module, base_desc: str) -> None:
     """Set each layer's `kind` (and conv/embedding attributes) from `model`'s modules; check the shapes agree."""
-    from .layer import LRALayer
-
     for name, layer in layers.items():
         try:
             module = model.get_submodule(name)
