@@ -8,7 +8,6 @@ model and task, and lists the metrics a recipe wrote to metrics.json next to the
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import json
 import math
@@ -17,7 +16,8 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterable
+import weakref
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -26,6 +26,7 @@ import torch
 import transformers
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
+from torch import nn
 
 from ._io import PathLike, atomic_write_bytes
 from ._version import __version__
@@ -475,22 +476,36 @@ def push_to_hub(
         for path in source.iterdir():
             if path.is_file() and not path.name.startswith("."):
                 shutil.copy2(path, Path(tmp) / path.name)
-        write_card(tmp, snapshot, repo_id=repo_id, metrics=read_metrics([source]), tags=tags)
-        publishable_adapter_config(tmp)
-        return upload_folder(
-            tmp,
-            repo_id,
-            private=private,
-            token=token,
-            revision=revision,
-            commit_message=commit_message,
-            commit_description=commit_description,
-            create_pr=create_pr,
-        )
+        return _publish(tmp, snapshot, repo_id, metrics=read_metrics([source]), tags=tags, private=private, token=token,
+                        revision=revision, commit_message=commit_message, commit_description=commit_description,
+                        create_pr=create_pr)
 
 
-# ---------------------------------------------------------------------------------------------- PEFT hooks
-def _lra_adapter(model: Any) -> Optional[str]:
+def _publish(folder: str, snapshot: AdapterSnapshot, repo_id: str, *, metrics: Optional[dict[str, Any]],
+             tags: Optional[list[str]], **upload: Any) -> Any:
+    """Give the upload folder its LRA card and a publishable adapter_config.json, then commit it to `repo_id`."""
+    write_card(folder, snapshot, repo_id=repo_id, metrics=metrics, tags=tags)
+    publishable_adapter_config(folder)
+    return upload_folder(folder, repo_id, **upload)
+
+
+# ------------------------------------------------------------------------------------- PeftModel card and push
+# Where each PeftModel with an LRA adapter was last saved by save_pretrained (its card looks for metrics.json there
+# when the model is pushed later). Weak keys: the record goes with the model.
+_SAVED_DIRS: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+
+
+def saved_dir(model: nn.Module) -> Optional[str]:
+    """The folder `model` was last saved to with `save_pretrained`, if any."""
+    return _SAVED_DIRS.get(model)
+
+
+def remember_saved_dir(model: nn.Module, folder: str) -> None:
+    _SAVED_DIRS[model] = folder
+
+
+def lra_adapter(model: Any) -> Optional[str]:
+    """The model's active adapter if it is an LRA one, else its first LRA adapter; None if it has none."""
     configs = getattr(model, "peft_config", {}) or {}
     active = getattr(model, "active_adapter", None)
     if isinstance(active, str) and isinstance(configs.get(active), LRAConfig):
@@ -503,81 +518,45 @@ def _metrics_dirs(model: Any, adapter: str, output_dir: Optional[PathLike] = Non
     last saved to, and the folder loaded from if the adapter was loaded frozen (trained further, it is stale)."""
     config = model.peft_config[adapter]
     source = getattr(config, "_source_dir", None) if config.inference_mode else None
-    return [output_dir, model.__dict__.get("_lra_saved_dir"), source]
+    return [output_dir, saved_dir(model), source]
 
 
-def install_peft_model_hooks() -> None:
-    """Give LRA models an LRA model card in `save_pretrained` and an LRA-aware `push_to_hub` (idempotent).
+def update_model_card(model: Any, adapter: str, output_dir: str, peft_card: Callable[[], None]) -> None:
+    """Write (or update) the LRA model card of `model` in `output_dir` (what `PeftModel.save_pretrained` calls).
 
-    Models without an LRA adapter keep PEFT's behaviour unchanged.
+    PEFT's card (`peft_card`) is not written first: it would add a second "Framework versions" heading (and a local
+    base path); its metadata (library, tags, base model) is what `write_card` sets. If the LRA card cannot be
+    written, PEFT's is, with a warning: a card must never make saving the adapter fail.
     """
-    from peft import PeftModel
+    readme = Path(output_dir) / "README.md"
+    try:
+        metrics = read_metrics(_metrics_dirs(model, adapter, output_dir))
+        model_tags = getattr(model.get_base_model(), "model_tags", None) or []
+        write_card(output_dir, snapshot_from_model(model, adapter), metrics=metrics, tags=model_tags)
+    except Exception as exc:  # noqa: BLE001
+        warnings.warn(f"lra-peft could not write its model card ({exc}); using PEFT's card.", stacklevel=3)
+        if not readme.exists():
+            peft_card()
 
-    if getattr(PeftModel, "_lra_peft_hooks", False):
-        return
-    original_card = PeftModel.create_or_update_model_card
-    original_push = PeftModel.push_to_hub
 
-    @functools.wraps(original_card)
-    def create_or_update_model_card(self, output_dir: str) -> None:
-        adapter = _lra_adapter(self)
-        if adapter is None:
-            return original_card(self, output_dir)
-        readme = Path(output_dir) / "README.md"
-        try:
-            if not self.__dict__.get("_lra_pushing", False):
-                self.__dict__["_lra_saved_dir"] = str(output_dir)
-            metrics = read_metrics(_metrics_dirs(self, adapter, output_dir))
-            # PEFT's card is not written first: it would add a second "Framework versions" heading (and a local
-            # base path); its metadata (library, tags, base model) is what write_card sets.
-            model_tags = getattr(self.get_base_model(), "model_tags", None) or []
-            write_card(output_dir, snapshot_from_model(self, adapter), metrics=metrics, tags=model_tags)
-        except Exception as exc:  # noqa: BLE001 - a card must never make saving the adapter fail
-            warnings.warn(f"lra-peft could not write its model card ({exc}); using PEFT's card.", stacklevel=2)
-            if not readme.exists():
-                original_card(self, output_dir)
+PUSH_KWARGS = ("commit_message", "commit_description", "private", "token", "revision", "create_pr", "max_shard_size",
+               "tags")
 
-    @functools.wraps(original_push)
-    def push_to_hub(self, repo_id: str, *args: Any, **kwargs: Any) -> Any:
-        adapter = _lra_adapter(self)
-        if adapter is None or args:
-            return original_push(self, repo_id, *args, **kwargs)
-        unknown = set(kwargs) - {
-            "commit_message", "commit_description", "private", "token", "revision", "create_pr", "max_shard_size",
-            "tags",
-        }
-        if unknown:
-            raise TypeError(f"push_to_hub() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
-        with tempfile.TemporaryDirectory(prefix="lra-push-") as tmp:
-            self.__dict__["_lra_pushing"] = True
-            try:
-                self.save_pretrained(tmp)
-            finally:
-                self.__dict__["_lra_pushing"] = False
-            metrics_dirs = _metrics_dirs(self, adapter)
-            for folder in metrics_dirs:
-                if folder is not None and (Path(folder) / METRICS_NAME).is_file():
-                    shutil.copy2(Path(folder) / METRICS_NAME, Path(tmp) / METRICS_NAME)
-                    break
-            write_card(
-                tmp,
-                snapshot_from_model(self, adapter),
-                repo_id=repo_id,
-                metrics=read_metrics([tmp]),
-                tags=kwargs.get("tags"),
-            )
-            publishable_adapter_config(tmp)
-            return upload_folder(
-                tmp,
-                repo_id,
-                private=kwargs.get("private"),
-                token=kwargs.get("token"),
-                revision=kwargs.get("revision"),
-                commit_message=kwargs.get("commit_message"),
-                commit_description=kwargs.get("commit_description"),
-                create_pr=kwargs.get("create_pr", False),
-            )
 
-    PeftModel.create_or_update_model_card = create_or_update_model_card
-    PeftModel.push_to_hub = push_to_hub
-    PeftModel._lra_peft_hooks = True
+def push_model(model: Any, adapter: str, repo_id: str, *, save: Callable[[Any, str], None], **kwargs: Any) -> Any:
+    """`PeftModel.push_to_hub` for a model with an LRA adapter: `save(model, folder)` writes the adapter (its card
+    included) into an upload folder, which gets the metrics.json of the run, the LRA card and a publishable config."""
+    unknown = set(kwargs) - set(PUSH_KWARGS)
+    if unknown:
+        raise TypeError(f"push_to_hub() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
+    with tempfile.TemporaryDirectory(prefix="lra-push-") as tmp:
+        save(model, tmp)
+        for folder in _metrics_dirs(model, adapter):
+            if folder is not None and (Path(folder) / METRICS_NAME).is_file():
+                shutil.copy2(Path(folder) / METRICS_NAME, Path(tmp) / METRICS_NAME)
+                break
+        return _publish(tmp, snapshot_from_model(model, adapter), repo_id, metrics=read_metrics([tmp]),
+                        tags=kwargs.get("tags"), private=kwargs.get("private"), token=kwargs.get("token"),
+                        revision=kwargs.get("revision"), commit_message=kwargs.get("commit_message"),
+                        commit_description=kwargs.get("commit_description"),
+                        create_pr=kwargs.get("create_pr", False))

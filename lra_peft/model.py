@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import functools
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -576,8 +575,8 @@ def restore_quantized_residual(model: nn.Module, adapter_name: str = "default") 
 
 
 # ------------------------------------------------------------------------------------- base model state dict
-def _init_deltas(model: nn.Module) -> dict[str, tuple[LRALayer, torch.Tensor]]:
-    """Original (pre-PEFT) weight key -> (layer, ΔW₀ in the weight's native layout) for every layer whose base holds
+def init_deltas(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Original (pre-PEFT) weight key -> ΔW₀ in the weight's native layout, for every layer whose base holds
     the residual W − ΔW₀ of a principal/minor adapter that is not merged. Quantized bases are left out: their
     residual Q(W − ΔW₀) has no exact full-precision original to hand back."""
     inner = getattr(getattr(model, "base_model", None), "model", None)
@@ -592,44 +591,5 @@ def _init_deltas(model: nn.Module) -> dict[str, tuple[LRALayer, torch.Tensor]]:
         if owner is None or owner in module.merged_adapters:
             continue  # a merged owner's weight is W + its learned ΔW, as a merged LoRA model's
         key = _peft_key_to_original_key(model, f"{names[id(module.get_base_layer())]}.weight")
-        deltas[key] = (module, module._from_matrix(module._init_delta_matrix(owner)).detach())
+        deltas[key] = module._from_matrix(module._init_delta_matrix(owner)).detach()
     return deltas
-
-
-def install_base_state_dict_hooks() -> None:
-    """Make `peft.get_base_model_state_dict` return, and `peft.set_base_model_state_dict` accept, the original
-    pretrained weights W of layers whose base holds a principal/minor adapter's residual W − ΔW₀ (an internal detail
-    of LRA); the two round-trip. Other layers and PEFT methods are unchanged. Idempotent."""
-    import peft
-    import peft.utils
-    import peft.utils.save_and_load as save_and_load
-
-    if getattr(save_and_load.get_base_model_state_dict, "_lra_peft", False):
-        return
-    original_get = save_and_load.get_base_model_state_dict
-    original_set = save_and_load.set_base_model_state_dict
-
-    def get_base_model_state_dict(model: Any) -> dict[str, torch.Tensor]:
-        state = original_get(model)
-        for key, (_, delta) in _init_deltas(model).items():
-            if key in state:
-                value = state[key]
-                state[key] = (value.float() + delta.to(value.device).float()).to(value.dtype)
-        return state
-
-    def set_base_model_state_dict(model: Any, state_dict: dict[str, torch.Tensor], strict: bool = True) -> Any:
-        deltas = _init_deltas(model)
-        if deltas:
-            state_dict = dict(state_dict)
-            for key, (_, delta) in deltas.items():
-                if key in state_dict:
-                    value = state_dict[key]
-                    state_dict[key] = (value.float() - delta.to(value.device).float()).to(value.dtype)
-        return original_set(model, state_dict, strict=strict)
-
-    for patched, original in ((get_base_model_state_dict, original_get), (set_base_model_state_dict, original_set)):
-        functools.update_wrapper(patched, original)
-        patched._lra_peft = True
-        for namespace in (save_and_load, peft.utils, peft):
-            if getattr(namespace, patched.__name__, None) is original:
-                setattr(namespace, patched.__name__, patched)
