@@ -167,6 +167,16 @@ def _tolerance(value: str) -> float:
     return tol
 
 
+def _command(commands: Any, name: str, func: Any, help: str, description: str,
+             **positionals: Any) -> argparse.ArgumentParser:
+    """A sub-command running `func`, with its positional arguments in order (name=help, or name=add_argument kwargs)."""
+    parser = commands.add_parser(name, help=help, description=description)
+    for arg, spec in positionals.items():
+        parser.add_argument(arg, **(spec if isinstance(spec, dict) else {"help": spec}))
+    parser.set_defaults(func=func)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lra-peft", description="Inspect, convert and publish LRA adapters (lra-peft).", epilog=EPILOG
@@ -175,66 +185,46 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--traceback", action="store_true", help="On error, show the full Python traceback.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = commands.add_parser(
-        "inspect",
-        help="Summarise an adapter: method, base model, targets, ranks, parameters, size, |λ|.",
-        description="Summarise a saved LRA adapter without loading its base model.",
-    )
-    p.add_argument("adapter_dir", help="Folder with adapter_config.json and adapter_model.safetensors.")
+    p = _command(commands, "inspect", _inspect,
+                 "Summarise an adapter: method, base model, targets, ranks, parameters, size, |λ|.",
+                 "Summarise a saved LRA adapter without loading its base model.",
+                 adapter_dir="Folder with adapter_config.json and adapter_model.safetensors.")
     p.add_argument("--plot", metavar="PNG", help="Also draw rank per layer × module and the sorted |λ| of each layer.")
     p.add_argument("--json", action="store_true", help="Print the summary as JSON.")
     p.add_argument("--tol", type=_tolerance, default=0.0, help="|λ| at or below this counts as pruned (default 0).")
-    p.set_defaults(func=_inspect)
 
-    p = commands.add_parser(
-        "export-lora",
-        help="Convert to a standard PEFT LoRA adapter (exact).",
-        description="Write a standard LoRA adapter that stock PEFT, vLLM or TGI load without lra-peft and that "
-        "reproduces the LRA adapter exactly (principal/minor adapters in residual-free form).",
-    )
-    p.add_argument("adapter_dir", help="The LRA adapter folder.")
-    p.add_argument("out_dir", help="Output folder for the LoRA adapter.")
+    p = _command(commands, "export-lora", _export_lora, "Convert to a standard PEFT LoRA adapter (exact).",
+                 "Write a standard LoRA adapter that stock PEFT, vLLM or TGI load without lra-peft and that reproduces "
+                 "the LRA adapter exactly (principal/minor adapters in residual-free form).",
+                 adapter_dir="The LRA adapter folder.", out_dir="Output folder for the LoRA adapter.")
     p.add_argument("--base", help="Base model folder, only needed for Embedding/Conv2d adapters whose base model "
                    "config is not local.")
-    p.set_defaults(func=_export_lora)
 
-    p = commands.add_parser(
-        "merge",
-        help="Merge the adapter into its base model and save it (safetensors + tokenizer).",
-        description="Merge an LRA adapter into its base model; plain Transformers loads the result.",
-    )
-    p.add_argument("base", nargs="?", default=None,
-                   help="Base model folder (default: the adapter config's base_model_name_or_path, if local).")
-    p.add_argument("adapter_dir", help="The LRA adapter folder.")
-    p.add_argument("out_dir", help="Output folder for the merged model.")
+    p = _command(commands, "merge", _merge,
+                 "Merge the adapter into its base model and save it (safetensors + tokenizer).",
+                 "Merge an LRA adapter into its base model; plain Transformers loads the result.",
+                 base=dict(nargs="?", default=None,
+                           help="Base model folder (default: the adapter config's base_model_name_or_path, if local)."),
+                 adapter_dir="The LRA adapter folder.", out_dir="Output folder for the merged model.")
     p.add_argument("--no-safe-merge", action="store_true", help="Skip the NaN/Inf check of the merged weights.")
-    p.set_defaults(func=_merge)
 
-    p = commands.add_parser(
-        "compress",
-        help="Re-factor each layer's ΔW to rank K by SVD (best rank-K approximation).",
-        description="Re-factor every layer's learned ΔW (relative to the original base) to its best rank-K "
-        "approximation, print the relative error per layer and in total, and write a smaller LRA adapter that "
-        "loads onto the original base model.",
-    )
-    p.add_argument("adapter_dir", help="The LRA adapter folder.")
-    p.add_argument("out_dir", help="Output folder for the compressed adapter.")
+    p = _command(commands, "compress", _compress,
+                 "Re-factor each layer's ΔW to rank K by SVD (best rank-K approximation).",
+                 "Re-factor every layer's learned ΔW (relative to the original base) to its best rank-K "
+                 "approximation, print the relative error per layer and in total, and write a smaller LRA adapter that "
+                 "loads onto the original base model.",
+                 adapter_dir="The LRA adapter folder.", out_dir="Output folder for the compressed adapter.")
     p.add_argument("--r", type=int, required=True, metavar="K", help="The new rank.")
-    p.set_defaults(func=_compress)
 
-    p = commands.add_parser(
-        "push",
-        help="Upload the adapter folder to the Hugging Face Hub with an LRA model card.",
-        description="Upload an adapter folder with an LRA model card (README.md). Uses your Hub token from HF_TOKEN "
-        "or `hf auth login`.",
-    )
-    p.add_argument("adapter_dir", help="The LRA adapter folder.")
-    p.add_argument("repo_id", help="Target model repository, e.g. your-name/my-lra-adapter.")
+    p = _command(commands, "push", _push, "Upload the adapter folder to the Hugging Face Hub with an LRA model card.",
+                 "Upload an adapter folder with an LRA model card (README.md). Uses your Hub token from HF_TOKEN or "
+                 "`hf auth login`.",
+                 adapter_dir="The LRA adapter folder.",
+                 repo_id="Target model repository, e.g. your-name/my-lra-adapter.")
     p.add_argument("--private", action="store_true", help="Create the repository as private.")
     p.add_argument("--revision", help="Branch to push to.")
     p.add_argument("--commit-message", help="Commit message.")
     p.add_argument("--create-pr", action="store_true", help="Open a pull request instead of committing.")
-    p.set_defaults(func=_push)
     return parser
 
 
