@@ -28,7 +28,7 @@ from peft.utils import get_peft_model_state_dict
 from torch import nn
 from transformers import AutoConfig
 
-from ._registration import LRA_PEFT_TYPE_NAME
+from ._peft_type import LRA_PEFT_TYPE_NAME
 from .config import LRAConfig
 from .format import (
     CONFIG_NAME,
