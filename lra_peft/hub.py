@@ -406,20 +406,18 @@ def lora_export_card(snapshot: AdapterSnapshot, ranks: dict[str, int]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- uploads
-def upload_folder(
-    folder: PathLike,
-    repo_id: str,
-    *,
-    private: Optional[bool] = None,
-    token: Union[bool, str, None] = None,
-    revision: Optional[str] = None,
-    commit_message: Optional[str] = None,
-    commit_description: Optional[str] = None,
-    create_pr: bool = False,
-) -> Any:
-    """Create `repo_id` if needed and commit every file of `folder` to it in one commit; returns the CommitInfo."""
+# The keyword arguments of an upload (`push_to_hub`'s, less `tags`), as `upload_folder` takes them.
+UPLOAD_OPTIONS = ("private", "token", "revision", "commit_message", "commit_description", "create_pr")
+
+
+def upload_folder(folder: PathLike, repo_id: str, options: dict[str, Any]) -> Any:
+    """Create `repo_id` if needed and commit every file of `folder` to it in one commit; returns the CommitInfo.
+
+    `options`: the `UPLOAD_OPTIONS` (private, token, revision, commit_message, commit_description, create_pr).
+    """
+    token, revision, create_pr = options.get("token"), options.get("revision"), bool(options.get("create_pr"))
     api = HfApi()
-    repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+    repo_id = api.create_repo(repo_id, private=options.get("private"), token=token, exist_ok=True).repo_id
     if revision is not None and not create_pr:
         api.create_branch(repo_id, branch=revision, token=token, exist_ok=True)
     root = Path(folder)
@@ -431,8 +429,8 @@ def upload_folder(
     return api.create_commit(
         repo_id=repo_id,
         operations=operations,
-        commit_message=commit_message or "Upload LRA adapter",
-        commit_description=commit_description,
+        commit_message=options.get("commit_message") or "Upload LRA adapter",
+        commit_description=options.get("commit_description"),
         token=token,
         revision=revision,
         create_pr=create_pr,
@@ -476,17 +474,17 @@ def push_to_hub(
         for path in source.iterdir():
             if path.is_file() and not path.name.startswith("."):
                 shutil.copy2(path, Path(tmp) / path.name)
-        return _publish(tmp, snapshot, repo_id, metrics=read_metrics([source]), tags=tags, private=private, token=token,
-                        revision=revision, commit_message=commit_message, commit_description=commit_description,
-                        create_pr=create_pr)
+        options = {"private": private, "token": token, "revision": revision, "commit_message": commit_message,
+                   "commit_description": commit_description, "create_pr": create_pr}
+        return _publish(tmp, snapshot, repo_id, metrics=read_metrics([source]), tags=tags, options=options)
 
 
 def _publish(folder: str, snapshot: AdapterSnapshot, repo_id: str, *, metrics: Optional[dict[str, Any]],
-             tags: Optional[list[str]], **upload: Any) -> Any:
+             tags: Optional[list[str]], options: dict[str, Any]) -> Any:
     """Give the upload folder its LRA card and a publishable adapter_config.json, then commit it to `repo_id`."""
     write_card(folder, snapshot, repo_id=repo_id, metrics=metrics, tags=tags)
     publishable_adapter_config(folder)
-    return upload_folder(folder, repo_id, **upload)
+    return upload_folder(folder, repo_id, options)
 
 
 # ------------------------------------------------------------------------------------- PeftModel card and push
@@ -556,7 +554,4 @@ def push_model(model: Any, adapter: str, repo_id: str, *, save: Callable[[Any, s
                 shutil.copy2(Path(folder) / METRICS_NAME, Path(tmp) / METRICS_NAME)
                 break
         return _publish(tmp, snapshot_from_model(model, adapter), repo_id, metrics=read_metrics([tmp]),
-                        tags=kwargs.get("tags"), private=kwargs.get("private"), token=kwargs.get("token"),
-                        revision=kwargs.get("revision"), commit_message=kwargs.get("commit_message"),
-                        commit_description=kwargs.get("commit_description"),
-                        create_pr=kwargs.get("create_pr", False))
+                        tags=kwargs.get("tags"), options={k: kwargs.get(k) for k in UPLOAD_OPTIONS})
