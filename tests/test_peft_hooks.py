@@ -114,13 +114,14 @@ with mock.patch.object(HfApi, "create_repo", lambda api, repo_id, **k: mock.Mock
         mock.patch.object(HfApi, "create_branch", lambda api, *a, **k: None), \
         mock.patch.object(HfApi, "create_commit", create_commit):
     record("push", lambda: (model.push_to_hub("me/x", commit_message="m"), pushed)[1])
-print("PROBE " + json.dumps(out, sort_keys=True, default=str))
+print("PROBE " + json.dumps(out, sort_keys=True, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
 '''
 
 
 def _run(mode: str, folder: Path) -> subprocess.Popen:
     folder.mkdir()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+    # One hash seed for both: PEFT writes sets (target_modules) in iteration order, which the seed decides.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONHASHSEED": "0",
            "PYTHONPATH": str(Path(lra_peft.peft_hooks.__file__).parents[1])}
     return subprocess.Popen([sys.executable, "-c", PROBE, mode, str(folder)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
