@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import safetensors.torch
 import torch
 from peft import LoraConfig, PeftModel
 from peft.utils import resolve_quantization_backend
-from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig
 
@@ -95,7 +95,7 @@ def export_lora(
 
     with atomic_output_dir(out_dir) as tmp:
         config.save_pretrained(str(tmp), auto_mapping_dict=snapshot.auto_mapping)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+        safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / "README.md").write_text(lora_export_card(snapshot, ranks))
         save_tokenizer(snapshot.source_dir, tmp)
     return Path(out_dir)
@@ -432,7 +432,7 @@ def compress(
 
     with atomic_output_dir(out_dir) as tmp:
         config.save_pretrained(str(tmp), auto_mapping_dict=snapshot.auto_mapping)
-        save_file(state, str(tmp / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+        safetensors.torch.save_file(state, str(tmp / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
         note = (
             f"Compressed with `lra-peft compress` to rank {r} (truncated SVD of each layer's ΔW); relative error of "
             f"ΔW over all layers: {report.total_error:.3e}."
