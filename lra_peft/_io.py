@@ -10,6 +10,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Union
 
+from transformers import AutoTokenizer
+
+from .format import CONFIG_NAME
+
 PathLike = Union[str, os.PathLike]
 
 
@@ -101,45 +105,6 @@ def normalize_permissions(folder: Path) -> None:
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
-@contextmanager
-def atomic_output_dir(out_dir: PathLike) -> Iterator[Path]:
-    """Yield a temporary folder next to `out_dir`; on success its files land in `out_dir`, on error nothing does.
-
-    A new `out_dir` appears whole (one `os.replace` of the folder). An existing one keeps its other files, as
-    `save_pretrained` does, and each written file replaces its old version atomically.
-    """
-    out = Path(out_dir).expanduser().absolute()
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"output path {out} is a file; pass a folder path (it is created if missing)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(out.parent, out.name)
-    try:
-        with errors_naming(out, tmp):
-            yield tmp
-            normalize_permissions(tmp)
-            if not out.exists():
-                try:
-                    os.replace(tmp, out)
-                    return
-                except OSError:
-                    # Another process created `out` meanwhile: fall through and merge file by file.
-                    pass
-            _move_contents(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _move_contents(src: Path, dst: Path) -> None:
-    dst.mkdir(parents=True, exist_ok=True)
-    for item in src.iterdir():
-        target = dst / item.name
-        if item.is_dir():
-            _move_contents(item, target)
-        else:
-            os.replace(item, target)
-
-
 def fsync_path(path: Path) -> None:
     """Flush a file's (or a folder's) data to disk, where the file system supports it."""
     try:
@@ -152,6 +117,71 @@ def fsync_path(path: Path) -> None:
         pass  # not every file system supports fsync (of folders)
     finally:
         os.close(fd)
+
+
+def _sync_tree(folder: Path) -> None:
+    """fsync every file under `folder`, then `folder`: the data is on disk before a rename makes it visible."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fsync_path(path)
+    fsync_path(folder)
+
+
+def _commit_rank(path: Path) -> int:
+    # adapter_config.json is what makes a folder an adapter: it goes after the weights, the card describing both last.
+    return {CONFIG_NAME: 1, "README.md": 2}.get(path.name, 0)
+
+
+def _move_tree(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for item in sorted(src.iterdir(), key=lambda p: (_commit_rank(p), p.name)):
+        target = dst / item.name
+        if item.is_dir() and target.is_dir():
+            _move_tree(item, target)
+        else:
+            os.replace(item, target)
+    fsync_path(dst)
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Publish the filled folder `tmp` as `final`, by renames only, after fsyncing its files.
+
+    A new `final` appears whole (one rename of the folder). An existing one keeps its other files, as
+    `save_pretrained` does, and each file of `tmp` replaces its old version atomically: the weights first,
+    adapter_config.json after them, README.md last, so that a crash leaves no config describing missing weights.
+    """
+    _sync_tree(tmp)
+    normalize_permissions(tmp)
+    if not final.exists():
+        try:
+            os.replace(tmp, final)
+            fsync_path(final.parent)
+            return
+        except OSError:
+            pass  # another process created `final` meanwhile: merge file by file
+    _move_tree(tmp, final)
+
+
+@contextmanager
+def atomic_output_dir(out_dir: PathLike) -> Iterator[Path]:
+    """Yield a hidden temporary folder next to `out_dir`; on success its files land in `out_dir` (`publish_dir`), on
+    error nothing does and the temporary folder is removed. A killed process can leave a `.<name>.tmp-*` folder
+    behind, which is safe to delete. Errors that name the temporary folder name `out_dir` instead."""
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"output path {out.absolute()} is a file; pass a folder path (it is created if "
+                                 "missing)")
+    # The temporary folder must be on the same file system as the target (a link's target), for renames to work.
+    out = out.resolve() if out.exists() else out.absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = make_temp_dir(out.parent, out.name)
+    try:
+        with errors_naming(out, tmp):
+            yield tmp
+            publish_dir(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def temp_dir_beside(final: Path) -> Path:
@@ -168,10 +198,7 @@ def temp_dir_beside(final: Path) -> Path:
 def swap_in_dir(tmp: Path, final: Path) -> None:
     """Replace the folder `final` (if any) by the filled folder `tmp`, by renames only: a reader sees the old folder
     or the new one, never a mix. The files are on disk before the rename makes them visible."""
-    for path in tmp.rglob("*"):
-        if path.is_file():
-            fsync_path(path)
-    fsync_path(tmp)
+    _sync_tree(tmp)
     if final.exists():
         old = final.parent / f".{final.name}.old"
         if old.exists():
@@ -210,8 +237,6 @@ def save_tokenizer(src: PathLike | None, dst: PathLike, *, local_files_only: boo
     """
     if src is None:
         return False
-    from transformers import AutoTokenizer
-
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(src), local_files_only=local_files_only)
     except Exception:  # noqa: BLE001 - no tokenizer there (an adapter folder, a model saved without one) is fine

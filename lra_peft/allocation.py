@@ -15,7 +15,6 @@ layer cannot have rank 0.
 from __future__ import annotations
 
 import math
-import re
 import warnings
 import weakref
 from typing import Any, Optional
@@ -25,10 +24,8 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .config import LRAConfig
+from .format import FACTORS, KEY_PREFIX, exact_pattern_key, split_factor_key
 from .layer import LRALayer
-
-# The prefix PEFT puts in front of the tuner's module names in a PeftModel state dict.
-_PEFT_PREFIX = "base_model.model."
 
 # Allocators that have pruned something. After every optimizer step (PyTorch's global step hook) their pruned λ are
 # zeroed again, so that the optimizer (Adam's momentum) cannot move them even between two update_and_allocate calls.
@@ -288,13 +285,11 @@ def cut_adapter_state_dict(
         return state_dict
     if allocator.num_alive == allocator.init_budget:
         return state_dict
-    pattern = re.compile(rf"^(?:(.*)\.)?(lra_U|lra_lambda|lra_V)\.{re.escape(adapter_name)}$")
     keys: dict[tuple[str, str], str] = {}
     for key in state_dict:
-        match = pattern.match(key)
-        if match:
-            module = (match.group(1) or "").removeprefix(_PEFT_PREFIX)
-            keys[(module, match.group(2))] = key
+        parsed = split_factor_key(key, adapter_name)
+        if parsed is not None and parsed[1] in FACTORS:
+            keys[(parsed[0].removeprefix(KEY_PREFIX), parsed[1])] = key
     rank_pattern, alpha_pattern = {}, {}
     for name, keep in allocator.keep_masks().items():
         index = keep.nonzero().flatten()
@@ -309,7 +304,7 @@ def cut_adapter_state_dict(
                     f"rank {keep.numel()} for this layer. Save the model's own state dict (no `state_dict=` argument)."
                 )
             state_dict[key] = tensor.index_select(dim, index.to(tensor.device)).contiguous()
-        pattern_key = _exact_pattern_key(name, allocator.layers)
+        pattern_key = exact_pattern_key(name, allocator.layers)
         rank_pattern[pattern_key] = int(index.numel())
         alpha_pattern[pattern_key] = alpha_keeping_scale(layers[name].scaling[adapter_name], int(index.numel()))
     # Every layer of the adapter now has its own entry, which supersedes any user pattern (PEFT would otherwise take
@@ -317,17 +312,6 @@ def cut_adapter_state_dict(
     config.rank_pattern = rank_pattern
     config.alpha_pattern = alpha_pattern
     return state_dict
-
-
-def _exact_pattern_key(name: str, names: dict[str, object]) -> str:
-    """A rank_pattern key that matches module `name` only.
-
-    PEFT matches a key as a suffix after a dot, so `model.layers.0.mlp` would also match `vision.model.layers.0.mlp`;
-    anchoring with `^` avoids that where such a longer name exists.
-    """
-    if any(other != name and other.endswith("." + name) for other in names):
-        return "^" + name
-    return name
 
 
 def _warn_if_allocation_never_ran(layers: dict[str, LRALayer], config: LRAConfig, adapter_name: str) -> None:
@@ -355,16 +339,16 @@ def check_not_loading_cut_into_full_rank(
     """
     if config.target_r is None:
         return
-    pattern = re.compile(rf"^(.*)\.lra_lambda\.{re.escape(adapter_name)}$")
     shorter = []
     for key, tensor in state_dict.items():
-        match = pattern.match(key)
-        if not match:
+        parsed = split_factor_key(key, adapter_name)
+        if parsed is None or parsed[1] != "lra_lambda" or not parsed[0]:
             continue
-        layer = modules.get(match.group(1), modules.get(match.group(1).removeprefix(_PEFT_PREFIX)))
+        name = parsed[0]
+        layer = modules.get(name, modules.get(name.removeprefix(KEY_PREFIX)))
         if isinstance(layer, LRALayer) and adapter_name in layer.lra_lambda and tensor.dim() == 1 \
                 and tensor.numel() < layer.lra_lambda[adapter_name].numel():
-            shorter.append(f"{match.group(1).removeprefix(_PEFT_PREFIX)}: rank {tensor.numel()} in the checkpoint, "
+            shorter.append(f"{name.removeprefix(KEY_PREFIX)}: rank {tensor.numel()} in the checkpoint, "
                            f"{layer.lra_lambda[adapter_name].numel()} in the model")
     if shorter:
         raise ValueError(

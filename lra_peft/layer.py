@@ -26,13 +26,19 @@ from torch import nn
 
 from .calibration import calibration_stats
 from .config import DATA_AWARE_INITS, LRAConfig
-from .decomposition import corda_factors, gradient_factors, random_orthonormal, top_or_bottom_svd
+from .decomposition import (
+    corda_factors,
+    gradient_factors,
+    random_orthonormal,
+    refine_quantized_init,
+    top_or_bottom_svd,
+)
+from .format import matrix_dims
 from .quantization import (
     full_precision_weight,
     has_full_precision_source,
     is_bnb_backend,
     quantization_backend_for,
-    refine_quantized_init,
     restore_quantized_storage,
     save_quantized_storage,
 )
@@ -498,8 +504,7 @@ class Conv2d(_LRAModule):
                 f"LRA supports Conv2d with groups=1 only, got groups={base.groups}; exclude this layer via "
                 "`exclude_modules`."
             )
-        kh, kw = base.kernel_size
-        return base.in_channels * kh * kw, base.out_channels
+        return matrix_dims(base, "conv2d")
 
     def _to_matrix(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.reshape(weight.shape[0], -1)

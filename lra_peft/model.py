@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import functools
-import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,53 +13,33 @@ import torch
 from peft.tuners.tuners_utils import (
     BaseTuner,
     BaseTunerLayer,
-    _get_in_out_features,
     _maybe_include_all_linear_layers,
 )
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, resolve_quantization_backend
 from peft.utils.error import NoMatchingPeftModuleError
-from peft.utils.other import get_pattern_key
 from peft.utils.quantization_utils import ForwardOnlyQuantizationBackend
+from peft.utils.save_and_load import _peft_key_to_original_key
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from .allocation import RankAllocator, check_not_loading_cut_into_full_rank, cut_adapter_state_dict
 from .calibration import calibration_stats, release_calibration
 from .config import LRAConfig
+from .format import (
+    FACTORS,
+    INIT_FACTORS,
+    KEY_PREFIX,
+    is_factor_key,
+    layer_type,
+    matrix_dims,
+    module_rank_alpha,
+    split_factor_key,
+)
 from .layer import Conv2d, Embedding, Linear, LRALayer
+from .quantization import is_bnb_backend
 from .regularization import orthogonal_loss
 from .safety import AdapterContentError, checkpoint_shapes
 
 SUPPORTED_LAYERS = "torch.nn.Linear, transformers' Conv1D, torch.nn.Embedding, torch.nn.Conv2d and bitsandbytes Linear8bitLt/Linear4bit"
-
-
-def _layer_type(module: nn.Module) -> Optional[str]:
-    """Which LRA layer class adapts `module` ("linear", "conv1d", "embedding", "conv2d"), or None."""
-    if isinstance(module, nn.Embedding):
-        return "embedding"
-    if isinstance(module, nn.Conv2d):
-        return "conv2d"
-    if isinstance(module, Conv1D):
-        return "conv1d"
-    if isinstance(module, nn.Linear):
-        return "linear"
-    backend = resolve_quantization_backend(module)
-    if backend is not None and backend.layer_type == "linear":
-        return "linear"
-    return None
-
-
-def _matrix_dims(module: nn.Module, layer_type: str) -> tuple[int, int]:
-    """(in, out) of the weight's matrix view, as the LRA layer will see it."""
-    if layer_type == "conv2d":
-        kh, kw = module.kernel_size
-        return module.in_channels * kh * kw, module.out_channels
-    in_features, out_features = _get_in_out_features(module)
-    return in_features, out_features
-
-
-# A key of an LRA factor in a checkpoint, with or without the adapter name PEFT appends when it maps it to the model.
-_LRA_TENSOR = re.compile(r"\.lra_(U0|lambda0|V0|U|lambda|V)(\.[^.]+)?$")
 
 
 def _header_mismatches(
@@ -69,7 +47,7 @@ def _header_mismatches(
 ) -> list[str]:
     """The factors of layer `key` whose shape in a checkpoint header (`shapes`) differs from what the layer will be
     built with (U: out × r, λ: r, V: in × r; ΔW₀'s rank is the checkpoint's own), as the load-time check words them."""
-    prefix = f"base_model.model.{key}."
+    prefix = f"{KEY_PREFIX}{key}."
     expected = {"lra_U": (out_features, r), "lra_lambda": (r,), "lra_V": (in_features, r),
                 "lra_U0": (out_features, r), "lra_lambda0": (r,), "lra_V0": (in_features, r)}
     wrong = []
@@ -174,8 +152,8 @@ class LRAModel(BaseTuner):
             base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
             if isinstance(module, BaseTunerLayer) and not isinstance(module, LRALayer):
                 continue  # another method's layer: PEFT reports that itself
-            layer_type = _layer_type(base)
-            if layer_type is None:
+            kind = layer_type(base)
+            if kind is None:
                 if isinstance(module, (nn.ModuleList, nn.ModuleDict, nn.Sequential)) or not list(
                     base.parameters(recurse=False)
                 ):
@@ -190,13 +168,13 @@ class LRAModel(BaseTuner):
                     "call lra_peft.preprocess(model, config, run_model) with this config before get_peft_model "
                     "(each get_peft_model / add_adapter consumes them)."
                 )
-            if layer_type == "conv2d" and base.groups != 1:
+            if kind == "conv2d" and base.groups != 1:
                 raise ValueError(
                     f"Target module {key} is a Conv2d with groups={base.groups}; LRA supports groups=1 only. "
                     "Exclude it via LRAConfig.exclude_modules."
                 )
-            r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), key), config.r)
-            in_features, out_features = _matrix_dims(base, layer_type)
+            r, _ = module_rank_alpha(config, key)
+            in_features, out_features = matrix_dims(base, kind)
             if shapes is not None:
                 wrong_shape += _header_mismatches(shapes, key, r, in_features, out_features)
             if config.decomposes_base and not config._from_checkpoint:
@@ -229,7 +207,7 @@ class LRAModel(BaseTuner):
 
     def _no_match_error(self, model: nn.Module, adapter_name: str) -> ValueError:
         config = self.peft_config[adapter_name]
-        names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if _layer_type(m) is not None})
+        names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if layer_type(m) is not None})
         return ValueError(
             f"LRAConfig.target_modules={config.target_modules!r} matched no module of the model. Module names that "
             f"LRA can adapt here include: {', '.join(names[:20]) or '(none)'}. Pass some of these (or 'all-linear')."
@@ -258,8 +236,7 @@ class LRAModel(BaseTuner):
     ) -> None:
         if current_key is None:
             raise ValueError("current_key must not be None")
-        r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), current_key), config.r)
-        alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), current_key), config.lra_alpha)
+        r, alpha = module_rank_alpha(config, current_key)
         if isinstance(target, LRALayer):
             target.update_layer(adapter_name, r, alpha, config, inference_mode=config.inference_mode)
             return
@@ -273,17 +250,17 @@ class LRAModel(BaseTuner):
         config: LRAConfig, adapter_name: str, target: nn.Module, r: int, alpha: float, key: str
     ) -> nn.Module:
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        layer_type = _layer_type(base)
-        if layer_type == "embedding":
+        kind = layer_type(base)
+        if kind == "embedding":
             return Embedding(target, adapter_name, r, alpha, config)
-        if layer_type == "conv2d":
+        if kind == "conv2d":
             return Conv2d(target, adapter_name, r, alpha, config)
-        if layer_type == "conv1d":
+        if kind == "conv1d":
             if not config.fan_in_fan_out:
                 warnings.warn(f"{key} is a Conv1D, which stores its weight as (in, out): setting fan_in_fan_out=True.", stacklevel=2)
                 config.fan_in_fan_out = True
             return Linear(target, adapter_name, r, alpha, config, fan_in_fan_out=True)
-        if layer_type == "linear":
+        if kind == "linear":
             if config.fan_in_fan_out:
                 warnings.warn(f"{key} is a Linear, which stores its weight as (out, in): setting fan_in_fan_out=False.", stacklevel=2)
                 config.fan_in_fan_out = False
@@ -393,20 +370,19 @@ class LRAModel(BaseTuner):
         modules: dict[str, nn.Module], config: LRAConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> None:
         """Raise a ValueError naming each layer whose checkpoint factors do not fit the model or are not finite."""
-        pattern = re.compile(rf"^(.*)\.(lra_U0|lra_lambda0|lra_V0|lra_U|lra_lambda|lra_V)\.{re.escape(adapter_name)}$")
         wrong_shape, not_finite, extra, wrong_type, seen = [], [], [], [], set()
         for key, tensor in state_dict.items():
-            match = pattern.match(key)
+            parsed = split_factor_key(key, adapter_name)
             layer = None
-            if match:
-                name, factor = match.group(1), match.group(2)
-                layer = modules.get(name, modules.get(name.removeprefix("base_model.model.")))
+            if parsed is not None:
+                name, factor = parsed
+                layer = modules.get(name, modules.get(name.removeprefix(KEY_PREFIX)))
             if layer is None or not isinstance(layer, LRALayer) or adapter_name not in getattr(layer, factor):
-                if _LRA_TENSOR.search(key):
+                if is_factor_key(key):
                     # PEFT maps only keys the model has: a factor of a layer (or kind) the adapter lacks is left over.
-                    extra.append(key.removesuffix(f".{adapter_name}").removeprefix("base_model.model."))
+                    extra.append(key.removesuffix(f".{adapter_name}").removeprefix(KEY_PREFIX))
                 continue
-            short = name.removeprefix("base_model.model.")
+            short = name.removeprefix(KEY_PREFIX)
             seen.add((id(layer), factor))
             if not tensor.is_floating_point():
                 # load_state_dict would cast an int or bool λ silently: not what was trained.
@@ -424,9 +400,8 @@ class LRAModel(BaseTuner):
         missing = []
         for name, layer in modules.items():
             if isinstance(layer, LRALayer) and adapter_name in layer.lra_U:
-                factors = ("lra_U", "lra_lambda", "lra_V") + (
-                    ("lra_U0", "lra_lambda0", "lra_V0") if adapter_name in layer.lra_U0 else ())
-                missing += [f"{name.removeprefix('base_model.model.')}.{f}" for f in factors
+                factors = FACTORS + (INIT_FACTORS if adapter_name in layer.lra_U0 else ())
+                missing += [f"{name.removeprefix(KEY_PREFIX)}.{f}" for f in factors
                             if (id(layer), f) not in seen]
         if missing or extra or wrong_type:
             problems = [f"{label}: {', '.join(keys[:4])}{f' (and {len(keys) - 4} more)' if len(keys) > 4 else ''}"
@@ -454,12 +429,11 @@ class LRAModel(BaseTuner):
         check_not_loading_cut_into_full_rank(modules, config, adapter_name, remapped)
         # Check before anything below, or load_state_dict (which copies what fits, then reports the rest), changes it.
         cls._check_checkpoint_factors(modules, config, adapter_name, remapped)
-        pattern = re.compile(rf"^(.*)\.(lra_U0|lra_lambda0|lra_V0)\.{re.escape(adapter_name)}$")
         incoming: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in remapped.items():
-            match = pattern.match(key)
-            if match and isinstance(modules.get(match.group(1)), LRALayer):
-                incoming.setdefault(match.group(1), {})[match.group(2)] = tensor
+            parsed = split_factor_key(key, adapter_name)
+            if parsed and parsed[1] in INIT_FACTORS and isinstance(modules.get(parsed[0]), LRALayer):
+                incoming.setdefault(parsed[0], {})[parsed[1]] = tensor
         for layer_name, factors in incoming.items():
             layer: LRALayer = modules[layer_name]
             if layer.residual_owner == adapter_name and not _same_factors(layer, adapter_name, factors):
@@ -559,13 +533,52 @@ class LRAModel(BaseTuner):
                                       to_return)
 
 
+# ------------------------------------------------------------------------------------ continuing training
+def restore_quantized_residual(model: nn.Module, adapter_name: str = "default") -> int:
+    """Make a loaded SVD-initialised adapter (`"principal"`, `"minor"`, `"corda"`, `"gradient"`) own its quantized
+    residual again, as during its training.
+
+    A saved SVD-initialised adapter stores ΔW₀ (`lra_U0`, `lra_lambda0`, `lra_V0`). Loaded onto the quantized
+    pretrained model, whose base holds Q(W), it subtracts ΔW₀ in the forward pass: Q(W) − ΔW₀ + ΔW. The model it
+    was trained with held Q(W − ΔW₀) + ΔW instead. This puts Q(W − ΔW₀) back into every quantized base (from the
+    checkpoint's full-precision W when the model came from `quantized_load`, which makes the result bit-identical to
+    the training-time base) and makes the adapter the layer's residual owner.
+
+    Args:
+        model: A `PeftModel` (or any module) holding LRA layers with the adapter `adapter_name`.
+        adapter_name: The SVD-initialised adapter to restore.
+
+    Returns:
+        The number of quantized layers whose base weight was replaced.
+    """
+    layers = [m for m in model.modules() if isinstance(m, LRALayer) and adapter_name in m.lra_U0]
+    if not layers:
+        raise ValueError(
+            f"restore_quantized_residual: no LRA layer holds an SVD-initialised adapter {adapter_name!r} "
+            "(init_weights 'principal', 'minor', 'corda' or 'gradient'); pass the name the adapter was loaded "
+            "under."
+        )
+    changed = 0
+    for layer in layers:
+        if not is_bnb_backend(layer.quantization_backend) or layer.residual_owner == adapter_name:
+            continue
+        if layer.residual_owner is not None:
+            raise ValueError(
+                f"restore_quantized_residual: adapter {layer.residual_owner!r} already owns the residual of a layer; "
+                f"delete it (or load {adapter_name!r} into a fresh model) first."
+            )
+        if layer.merged:
+            raise ValueError("restore_quantized_residual: unmerge the adapters first (`unmerge_adapter()`).")
+        layer._subtract_init_from_base(adapter_name)
+        changed += 1
+    return changed
+
+
 # ------------------------------------------------------------------------------------- base model state dict
-def _init_deltas(model: nn.Module) -> dict[str, tuple[LRALayer, torch.Tensor]]:
-    """Original (pre-PEFT) weight key -> (layer, ΔW₀ in the weight's native layout) for every layer whose base holds
+def init_deltas(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Original (pre-PEFT) weight key -> ΔW₀ in the weight's native layout, for every layer whose base holds
     the residual W − ΔW₀ of a principal/minor adapter that is not merged. Quantized bases are left out: their
     residual Q(W − ΔW₀) has no exact full-precision original to hand back."""
-    from peft.utils.save_and_load import _peft_key_to_original_key
-
     inner = getattr(getattr(model, "base_model", None), "model", None)
     if not isinstance(getattr(model, "base_model", None), LRAModel) or inner is None:
         return {}
@@ -578,44 +591,5 @@ def _init_deltas(model: nn.Module) -> dict[str, tuple[LRALayer, torch.Tensor]]:
         if owner is None or owner in module.merged_adapters:
             continue  # a merged owner's weight is W + its learned ΔW, as a merged LoRA model's
         key = _peft_key_to_original_key(model, f"{names[id(module.get_base_layer())]}.weight")
-        deltas[key] = (module, module._from_matrix(module._init_delta_matrix(owner)).detach())
+        deltas[key] = module._from_matrix(module._init_delta_matrix(owner)).detach()
     return deltas
-
-
-def install_base_state_dict_hooks() -> None:
-    """Make `peft.get_base_model_state_dict` return, and `peft.set_base_model_state_dict` accept, the original
-    pretrained weights W of layers whose base holds a principal/minor adapter's residual W − ΔW₀ (an internal detail
-    of LRA); the two round-trip. Other layers and PEFT methods are unchanged. Idempotent."""
-    import peft
-    import peft.utils
-    import peft.utils.save_and_load as save_and_load
-
-    if getattr(save_and_load.get_base_model_state_dict, "_lra_peft", False):
-        return
-    original_get = save_and_load.get_base_model_state_dict
-    original_set = save_and_load.set_base_model_state_dict
-
-    def get_base_model_state_dict(model: Any) -> dict[str, torch.Tensor]:
-        state = original_get(model)
-        for key, (_, delta) in _init_deltas(model).items():
-            if key in state:
-                value = state[key]
-                state[key] = (value.float() + delta.to(value.device).float()).to(value.dtype)
-        return state
-
-    def set_base_model_state_dict(model: Any, state_dict: dict[str, torch.Tensor], strict: bool = True) -> Any:
-        deltas = _init_deltas(model)
-        if deltas:
-            state_dict = dict(state_dict)
-            for key, (_, delta) in deltas.items():
-                if key in state_dict:
-                    value = state_dict[key]
-                    state_dict[key] = (value.float() - delta.to(value.device).float()).to(value.dtype)
-        return original_set(model, state_dict, strict=strict)
-
-    for patched, original in ((get_base_model_state_dict, original_get), (set_base_model_state_dict, original_set)):
-        functools.update_wrapper(patched, original)
-        patched._lra_peft = True
-        for namespace in (save_and_load, peft.utils, peft):
-            if getattr(namespace, patched.__name__, None) is original:
-                setattr(namespace, patched.__name__, patched)

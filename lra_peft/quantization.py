@@ -3,7 +3,7 @@
 An LRA layer on a `bnb.nn.Linear8bitLt` / `bnb.nn.Linear4bit` base reads and writes the frozen weight through a
 backend: `get_base_weight()` dequantizes it, `set_base_weight()` requantizes (PEFT's backends, extended here for the
 CPU kernels of bitsandbytes and for `quantize_dequantize`). SVD-initialised adapters (`"principal"` / `"minor"`) put
-a quantized residual Q(W − ΔW₀) into the base; `refine_quantized_init` implements `LRAConfig.quant_refine_iters`.
+a quantized residual Q(W − ΔW₀) into the base (`decomposition.refine_quantized_init` refits ΔW₀ to it).
 
 `quantized_load` loads a Transformers model in 8 or 4 bits, keeps freshly initialised task heads in full precision,
 and remembers where each quantized weight's full-precision original lives, so that `"principal"` / `"minor"`
@@ -16,16 +16,16 @@ import json
 import os
 import warnings
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from peft.utils.quantization_utils import Bnb4bitBackend, Bnb8bitBackend, QuantizationBackend
 from peft.utils.quantization_utils import resolve_quantization_backend as _peft_resolve_backend
+from safetensors import safe_open
 from torch import nn
-
-from .decomposition import top_or_bottom_svd
+from transformers import BitsAndBytesConfig
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
 
 # Attribute set on a quantized bnb layer by `quantized_load`: where its full-precision weight can be read.
 _SOURCE_ATTR = "_lra_full_precision_source"
@@ -167,57 +167,6 @@ def restore_quantized_storage(base_layer: nn.Module, storage: QuantizedStorage) 
         base_layer.quant_state = weight.quant_state
 
 
-# ------------------------------------------------------------------------------------ SVD-init refinement
-def refine_quantized_init(
-    weight: torch.Tensor,
-    U: torch.Tensor,
-    S: torch.Tensor,
-    V: torch.Tensor,
-    quantize_dequantize: Callable[[torch.Tensor], torch.Tensor],
-    iters: int,
-    which: Literal["principal", "minor"],
-    niter: Optional[int] = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[float]]:
-    """Alternate "quantize the residual, re-fit the rank-r part to what quantization lost" (QPiSSA / LoftQ).
-
-    Args:
-        weight: W, out × in, float32.
-        U, S, V: the initial rank-r part A = U · diag(S) · Vᵀ (U: out×r, S: r, V: in×r), W's top (or bottom) triplets.
-        quantize_dequantize: residual (out × in) -> dequant(Q(residual)), exactly as the base layer stores it.
-        iters: number of alternations; 0 returns the input.
-        which: `"principal"` re-fits A as the top-r SVD of W − dequant(Q(W − A)). `"minor"` keeps the adapter in
-            W's minor subspaces (span U, span V) and re-fits A as the best matrix there: U Uᵀ (W − Q) V Vᵀ.
-        niter: power iterations of a randomized SVD (`None`: exact), for `"principal"`.
-
-    Returns:
-        `(U, S, V, errors)`: the factors with the smallest ‖W − (dequant(Q(W − A)) + A)‖_F seen (never worse than the
-        input) and that error for the input and after each alternation.
-    """
-
-    def error_of(U_: torch.Tensor, S_: torch.Tensor, V_: torch.Tensor) -> tuple[float, torch.Tensor]:
-        low_rank = (U_ * S_) @ V_.T
-        quantized = quantize_dequantize(weight - low_rank)
-        return torch.linalg.norm(weight - quantized - low_rank).item(), quantized
-
-    best = (U, S, V)
-    best_error, quantized = error_of(U, S, V)
-    errors = [best_error]
-    U_minor, V_minor = U, V
-    for _ in range(iters):
-        lost = weight - quantized
-        if which == "principal":
-            U, S, V = top_or_bottom_svd(lost, U.shape[1], "principal", niter=niter)
-        else:
-            core = U_minor.T @ lost @ V_minor
-            P, S, Rh = torch.linalg.svd(core)
-            U, V = U_minor @ P, V_minor @ Rh.T
-        error, quantized = error_of(U, S, V)
-        errors.append(error)
-        if error < best_error:
-            best, best_error = (U.contiguous(), S.contiguous(), V.contiguous()), error
-    return (*best, errors)
-
-
 # ------------------------------------------------------------------------------ full-precision weight sources
 @dataclass
 class _CheckpointWeight:
@@ -237,8 +186,6 @@ class _CheckpointWeight:
     def load(self, base_layer: nn.Module) -> Optional[torch.Tensor]:
         if not self.describes(base_layer.weight):
             return None
-        from safetensors import safe_open
-
         with safe_open(self.file, framework="pt", device="cpu") as handle:
             return handle.get_tensor(self.key)
 
@@ -279,8 +226,6 @@ def full_precision_weight(base_layer: nn.Module, backend: QuantizationBackend) -
 
 def _safetensors_index(path: Union[str, os.PathLike], **hub_kwargs: Any) -> dict[str, str]:
     """Tensor name -> safetensors file of a local folder (or a cached Hub repo); {} for other formats."""
-    from safetensors import safe_open
-    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
 
     def locate(name: str) -> Optional[str]:
         if os.path.isdir(path):
@@ -360,8 +305,6 @@ def quantized_load(
         >>> model = lra_peft.quantized_load(AutoModelForSequenceClassification, "bert-base-uncased",
         ...                                 BitsAndBytesConfig(load_in_8bit=True), num_labels=2)
     """
-    from transformers import BitsAndBytesConfig
-
     if not isinstance(quantization_config, BitsAndBytesConfig) or not (
         quantization_config.load_in_8bit or quantization_config.load_in_4bit
     ):
@@ -419,46 +362,3 @@ def _as_full_precision_linear(module: nn.Module) -> nn.Linear:
             linear.bias.copy_(module.bias.data)
     linear.requires_grad_(weight.requires_grad)
     return linear
-
-
-# ------------------------------------------------------------------------------------ continuing training
-def restore_quantized_residual(model: nn.Module, adapter_name: str = "default") -> int:
-    """Make a loaded SVD-initialised adapter (`"principal"`, `"minor"`, `"corda"`, `"gradient"`) own its quantized
-    residual again, as during its training.
-
-    A saved SVD-initialised adapter stores ΔW₀ (`lra_U0`, `lra_lambda0`, `lra_V0`). Loaded onto the quantized
-    pretrained model, whose base holds Q(W), it subtracts ΔW₀ in the forward pass: Q(W) − ΔW₀ + ΔW. The model it
-    was trained with held Q(W − ΔW₀) + ΔW instead. This puts Q(W − ΔW₀) back into every quantized base (from the
-    checkpoint's full-precision W when the model came from `quantized_load`, which makes the result bit-identical to
-    the training-time base) and makes the adapter the layer's residual owner.
-
-    Args:
-        model: A `PeftModel` (or any module) holding LRA layers with the adapter `adapter_name`.
-        adapter_name: The SVD-initialised adapter to restore.
-
-    Returns:
-        The number of quantized layers whose base weight was replaced.
-    """
-    from .layer import LRALayer
-
-    layers = [m for m in model.modules() if isinstance(m, LRALayer) and adapter_name in m.lra_U0]
-    if not layers:
-        raise ValueError(
-            f"restore_quantized_residual: no LRA layer holds an SVD-initialised adapter {adapter_name!r} "
-            "(init_weights 'principal', 'minor', 'corda' or 'gradient'); pass the name the adapter was loaded "
-            "under."
-        )
-    changed = 0
-    for layer in layers:
-        if not is_bnb_backend(layer.quantization_backend) or layer.residual_owner == adapter_name:
-            continue
-        if layer.residual_owner is not None:
-            raise ValueError(
-                f"restore_quantized_residual: adapter {layer.residual_owner!r} already owns the residual of a layer; "
-                f"delete it (or load {adapter_name!r} into a fresh model) first."
-            )
-        if layer.merged:
-            raise ValueError("restore_quantized_residual: unmerge the adapters first (`unmerge_adapter()`).")
-        layer._subtract_init_from_base(adapter_name)
-        changed += 1
-    return changed

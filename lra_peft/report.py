@@ -12,6 +12,9 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from ._io import atomic_write_bytes
+from .layer import LRALayer
+from .model import LRAModel
 from .snapshot import ModelOrDir, load_snapshot
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)\.")
@@ -133,9 +136,6 @@ def rank_report(model_or_adapter_dir: ModelOrDir, adapter_name: str = "default",
 
 
 def _live_entries(model: nn.Module, adapter_name: str) -> list[tuple]:
-    from .layer import LRALayer
-    from .model import LRAModel
-
     root = model
     if hasattr(model, "get_base_model"):
         root = model.get_base_model()
@@ -193,8 +193,6 @@ def plot_rank_report(report: RankReport, path: Union[str, os.PathLike]) -> Path:
     require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-
-    from ._io import atomic_write_bytes
 
     layers = list(report.layers.values())
     modules = list(dict.fromkeys(layer.module for layer in layers))

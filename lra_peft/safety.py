@@ -1,11 +1,12 @@
-"""Safe loading and saving of adapters: clear errors, no pickle by default, nothing left half-changed.
+"""Safe loading of adapters: clear errors, no pickle by default, nothing left half-changed.
 
-`import lra_peft` wraps a few of PEFT's entry points (once; see `install_safety_hooks`):
+`lra_peft.peft_hooks` routes PEFT's entry points here:
 
 * `PeftConfig.from_json_file` (every PEFT method): a malformed `adapter_config.json` raises an `AdapterFileError`
-  naming the file instead of a bare `json.JSONDecodeError` (both are `ValueError`s).
-* `PeftModel.from_pretrained` / `PeftModel.load_adapter`: a local folder without `adapter_config.json` is named as
-  such, and so is a symbolic link to a folder or to nothing where a file or folder is expected. For LRA adapters also:
+  naming the file instead of a bare `json.JSONDecodeError` (both are `ValueError`s; `read_config_file`).
+* `PeftModel.from_pretrained` / `PeftModel.load_adapter` (`guard_lra_load`): a local folder without
+  `adapter_config.json` is named as such, and so is a symbolic link to a folder or to nothing where a file or folder
+  is expected. For LRA adapters also:
 
   - weights are read from `adapter_model.safetensors`; an `adapter_model.bin` (pickle) is refused unless the
     environment sets `LRA_PEFT_ALLOW_BIN=1`, and is then read with `torch.load(weights_only=True)`;
@@ -16,41 +17,36 @@
     `KeyboardInterrupt`) puts the model back as it was: no LRA layer, `ModulesToSaveWrapper`, `peft_config`
     attribute or `requires_grad` change is left behind, and an adapter being re-loaded keeps its old values.
 
-* `PeftModel.save_pretrained` of a model with an LRA adapter writes into a hidden temporary folder next to the
-  target and then renames the files into place (weights before `adapter_config.json`, the model card last). A crash
-  or kill during the write leaves the previous adapter in the target folder intact; a brand-new folder appears
-  whole or not at all. A killed process can leave a hidden `.<name>.tmp-*` folder behind, which is safe to delete.
-
-Models and adapters of other PEFT methods keep PEFT's behaviour, except for the clearer config-file errors.
+Saving is atomic (`lra_peft._io.atomic_output_dir`, used by `peft_hooks`' `save_pretrained`). Models and adapters of
+other PEFT methods keep PEFT's behaviour, except for the clearer config-file errors.
 """
 
 from __future__ import annotations
 
 import contextvars
-import functools
-import inspect
 import json
 import os
-import shutil
-import warnings
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+from peft import PeftConfig
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 
-from ._io import errors_naming, make_temp_dir, normalize_permissions, not_a_file
+from ._io import not_a_file
+from ._peft_type import LRA_PEFT_TYPE_NAME
+from .config import LOADING_LRA_ADAPTER
+from .format import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
 ALLOW_BIN_ENV = "LRA_PEFT_ALLOW_BIN"
-CONFIG_NAME = "adapter_config.json"
-SAFETENSORS_NAME = "adapter_model.safetensors"
-BIN_NAME = "adapter_model.bin"
 
-# True while PeftModel.from_pretrained / load_adapter handles an LRA adapter (read by the torch.load guard).
-_LRA_LOAD: contextvars.ContextVar[bool] = contextvars.ContextVar("lra_peft_lra_load", default=False)
+# True while PeftModel.from_pretrained / load_adapter handles an LRA adapter (read by the torch.load guard and config).
+_LRA_LOAD = LOADING_LRA_ADAPTER
 # True inside a guarded load, so that PeftModel.from_pretrained's own call of load_adapter is not guarded twice.
 _GUARDED: contextvars.ContextVar[bool] = contextvars.ContextVar("lra_peft_guarded", default=False)
 # Tensor name -> shape, from the header of the local adapter file a guarded load reads (None: not known).
@@ -92,7 +88,7 @@ def bin_allowed() -> bool:
     return os.environ.get(ALLOW_BIN_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
-def _bin_refused(path: Union[str, os.PathLike]) -> AdapterFileError:
+def bin_refused(path: Union[str, os.PathLike]) -> AdapterFileError:
     return AdapterFileError(
         f"{path} is a pickle file, which can run arbitrary code when read, so lra-peft does not load it. Re-save the "
         f"adapter with safetensors (PeftModel.save_pretrained does by default), or, if you trust the file, set the "
@@ -119,8 +115,6 @@ def read_config_file(path: Union[str, os.PathLike]) -> dict:
 
 def check_safetensors_file(path: Union[str, os.PathLike]) -> dict[str, tuple[int, ...]]:
     """Check that `path` is a complete safetensors file (header only, cheap); return its tensors' names and shapes."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as handle:
             return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
@@ -135,8 +129,6 @@ def load_weights_file(path: Union[str, os.PathLike], device: str = "cpu") -> dic
     """The tensors of an adapter weights file: safetensors, or a `.bin` only with `LRA_PEFT_ALLOW_BIN=1`."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         check_safetensors_file(path)
         try:
             return load_file(str(path), device=device)
@@ -144,7 +136,7 @@ def load_weights_file(path: Union[str, os.PathLike], device: str = "cpu") -> dic
             raise AdapterFileError(f"{path} cannot be read as safetensors ({exc}); save or download the adapter "
                                    "again") from None
     if not bin_allowed():
-        raise _bin_refused(path)
+        raise bin_refused(path)
     return torch.load(path, map_location=device, weights_only=True)
 
 
@@ -163,7 +155,7 @@ def not_a_file_error(path: Union[str, os.PathLike]) -> Optional[AdapterFileError
 def find_weights_file(folder: Union[str, os.PathLike]) -> Optional[Path]:
     """The adapter weights file of a local adapter folder (safetensors preferred), or None."""
     folder = Path(folder)
-    for name in (SAFETENSORS_NAME, BIN_NAME):
+    for name in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME):
         if (folder / name).is_file():
             return folder / name
     return None
@@ -199,18 +191,16 @@ def _check_local_lra_weights(folder: Path) -> Optional[dict[str, tuple[int, ...]
     shapes (None for a `.bin`)."""
     weights = find_weights_file(folder)
     if weights is None:
-        raise not_a_file_error(folder / SAFETENSORS_NAME) or AdapterFileNotFoundError(
-            f"{folder} has {CONFIG_NAME} but no {SAFETENSORS_NAME}; save the adapter again")
-    if weights.name == BIN_NAME and not bin_allowed():
-        raise _bin_refused(weights)
-    if weights.name == SAFETENSORS_NAME:
+        raise not_a_file_error(folder / SAFETENSORS_WEIGHTS_NAME) or AdapterFileNotFoundError(
+            f"{folder} has {CONFIG_NAME} but no {SAFETENSORS_WEIGHTS_NAME}; save the adapter again")
+    if weights.name == WEIGHTS_NAME and not bin_allowed():
+        raise bin_refused(weights)
+    if weights.name == SAFETENSORS_WEIGHTS_NAME:
         return check_safetensors_file(weights)
     return None
 
 
 def _is_lra_type(peft_type: Any) -> bool:
-    from ._registration import LRA_PEFT_TYPE_NAME
-
     return str(getattr(peft_type, "value", peft_type)) == LRA_PEFT_TYPE_NAME
 
 
@@ -219,8 +209,6 @@ def _peek_is_lra(model_id: Any, hub_kwargs: dict) -> bool:
     folder = _local_folder(model_id, hub_kwargs.get("subfolder"))
     if folder is not None:
         return _is_lra_type(_check_local_adapter(folder).get("peft_type"))
-    from peft import PeftConfig
-
     try:
         return _is_lra_type(PeftConfig._get_peft_type(model_id, **hub_kwargs))
     except Exception:  # noqa: BLE001 - PEFT's own call right after reports why the config is unavailable
@@ -301,6 +289,39 @@ def restore_on_error(model: nn.Module, adapter_name: Optional[str] = None) -> It
         raise
 
 
+def inside_guarded_load() -> bool:
+    """True inside `guard_lra_load` (so that `PeftModel.from_pretrained`'s own call of `load_adapter` is guarded once)."""
+    return _GUARDED.get()
+
+
+def guard_lra_load(
+    load: Callable[[], Any],
+    model: nn.Module,
+    model_id: Any,
+    hub_kwargs: dict,
+    *,
+    peft_type: Any = None,
+    restore_values_of: Optional[str] = None,
+) -> Any:
+    """Run `load()` (PEFT's `from_pretrained` / `load_adapter` of `model_id` into `model`) with the guards of the
+    module docstring when the adapter is an LRA one (`peft_type`, else read from its config); other adapters are
+    loaded by `load()` unguarded. `restore_values_of`: an existing adapter whose tensors the load overwrites."""
+    is_lra = _is_lra_type(peft_type) if peft_type is not None else _peek_is_lra(model_id, hub_kwargs)
+    if not is_lra:
+        return load()
+    folder = _local_folder(model_id, hub_kwargs.get("subfolder"))
+    shapes = _check_local_lra_weights(folder) if folder is not None else None
+    with _lra_load_context(True, shapes):
+        try:
+            with restore_on_error(model, restore_values_of):
+                return load()
+        except Exception as exc:
+            clear = _explain_read_error(exc, model_id, folder)
+            if clear is None:
+                raise
+            raise clear from exc
+
+
 @contextmanager
 def _lra_load_context(is_lra: bool, shapes: Optional[dict[str, tuple[int, ...]]] = None) -> Iterator[None]:
     guarded, lra, known = _GUARDED.set(True), _LRA_LOAD.set(is_lra), _CHECKPOINT_SHAPES.set(shapes)
@@ -324,184 +345,3 @@ def _explain_read_error(exc: BaseException, model_id: Any, folder: Optional[Path
             "corrupted. Save or download the adapter again; the model was left unchanged."
         )
     return None
-
-
-# ---------------------------------------------------------------------------------------------------- saving
-def _has_lra_adapter(model: Any) -> bool:
-    from .config import LRAConfig
-
-    configs = getattr(model, "peft_config", None) or {}
-    return isinstance(configs, dict) and any(isinstance(c, LRAConfig) for c in configs.values())
-
-
-def _commit_rank(path: Path) -> int:
-    # adapter_config.json is what makes a folder an adapter: it goes after the weights, the card describing both last.
-    return {CONFIG_NAME: 1, "README.md": 2}.get(path.name, 0)
-
-
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # not every file system supports fsync (of folders)
-    finally:
-        os.close(fd)
-
-
-def _move_tree(src: Path, dst: Path) -> None:
-    dst.mkdir(parents=True, exist_ok=True)
-    for item in sorted(src.iterdir(), key=lambda p: (_commit_rank(p), p.name)):
-        target = dst / item.name
-        if item.is_dir() and target.is_dir():
-            _move_tree(item, target)
-        else:
-            os.replace(item, target)
-    _fsync(dst)
-
-
-def commit_folder(tmp: Path, final: Path) -> None:
-    """Move the files of the filled folder `tmp` into `final` by renames (each file replaced atomically)."""
-    for path in tmp.rglob("*"):
-        if path.is_file():
-            _fsync(path)  # the data is on disk before a rename makes it visible
-    normalize_permissions(tmp)
-    if not final.exists():
-        try:
-            os.replace(tmp, final)  # a new folder appears whole
-            _fsync(final.parent)
-            return
-        except OSError:
-            pass  # created meanwhile by someone else: merge file by file
-    _move_tree(tmp, final)
-
-
-@contextmanager
-def atomic_save_dir(save_directory: Union[str, os.PathLike]) -> Iterator[Path]:
-    """Yield a hidden temporary folder next to `save_directory`; on success its files are renamed into place."""
-    final = Path(save_directory).expanduser()
-    if final.is_file():
-        raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
-    # The temporary folder must be on the same file system as the target, for the renames to be atomic.
-    final = final.resolve() if final.exists() else final.absolute()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(final.parent, final.name)
-    try:
-        with errors_naming(final, tmp):
-            yield tmp
-            commit_folder(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-# ------------------------------------------------------------------------------------------------ PEFT hooks
-def install_safety_hooks() -> None:
-    """Install the guards described in the module docstring (idempotent)."""
-    import peft.utils.save_and_load as save_and_load
-    from peft import PeftConfig, PeftModel
-
-    if getattr(PeftModel, "_lra_peft_safety_hooks", False):
-        return
-
-    # Patched where PEFT defines it (PeftConfigMixin), so every config class and PeftConfig itself see it.
-    json_owner = next(c for c in PeftConfig.__mro__ if "from_json_file" in c.__dict__)
-    original_json = json_owner.__dict__["from_json_file"].__func__
-
-    @functools.wraps(original_json)
-    def from_json_file(cls, path_json_file: str, **kwargs: Any) -> dict:
-        read_config_file(path_json_file)  # a clear error for a malformed file; PEFT's own checks follow
-        return original_json(cls, path_json_file, **kwargs)
-
-    original_torch_load = save_and_load.torch_load
-
-    @functools.wraps(original_torch_load)
-    def torch_load(*args: Any, **kwargs: Any) -> Any:
-        if _LRA_LOAD.get():
-            if not bin_allowed():
-                raise _bin_refused(args[0] if args else kwargs.get("f", BIN_NAME))
-            kwargs["weights_only"] = True
-        return original_torch_load(*args, **kwargs)
-
-    original_from_pretrained = PeftModel.from_pretrained.__func__
-    from_pretrained_sig = inspect.signature(original_from_pretrained)
-
-    @functools.wraps(original_from_pretrained)
-    def from_pretrained(cls, model: nn.Module, model_id: Any, *args: Any, **kwargs: Any) -> Any:
-        if _GUARDED.get():
-            return original_from_pretrained(cls, model, model_id, *args, **kwargs)
-        bound = from_pretrained_sig.bind(cls, model, model_id, *args, **kwargs).arguments
-        hub_kwargs = {k: v for k, v in bound.get("kwargs", {}).items()
-                      if k in ("subfolder", "revision", "cache_dir", "token")}
-        config = bound.get("config")
-        is_lra = _is_lra_type(config.peft_type) if config is not None else _peek_is_lra(model_id, hub_kwargs)
-        if not is_lra:
-            return original_from_pretrained(cls, model, model_id, *args, **kwargs)
-        folder = _local_folder(model_id, hub_kwargs.get("subfolder"))
-        shapes = _check_local_lra_weights(folder) if folder is not None else None
-        with _lra_load_context(True, shapes):
-            try:
-                with restore_on_error(model):
-                    return original_from_pretrained(cls, model, model_id, *args, **kwargs)
-            except Exception as exc:
-                clear = _explain_read_error(exc, model_id, folder)
-                if clear is None:
-                    raise
-                raise clear from exc
-
-    original_load_adapter = PeftModel.load_adapter
-
-    @functools.wraps(original_load_adapter)
-    def load_adapter(self, model_id: Any, adapter_name: str, *args: Any, **kwargs: Any) -> Any:
-        if _GUARDED.get():
-            return original_load_adapter(self, model_id, adapter_name, *args, **kwargs)
-        hub_kwargs = {k: v for k, v in kwargs.items() if k in ("subfolder", "revision", "cache_dir", "token")}
-        existing = self.peft_config.get(adapter_name)
-        is_lra = _is_lra_type(existing.peft_type) if existing is not None else _peek_is_lra(model_id, hub_kwargs)
-        if not is_lra:
-            return original_load_adapter(self, model_id, adapter_name, *args, **kwargs)
-        folder = _local_folder(model_id, hub_kwargs.get("subfolder"))
-        shapes = _check_local_lra_weights(folder) if folder is not None else None
-        with _lra_load_context(True, shapes):
-            try:
-                with restore_on_error(self, adapter_name if existing is not None else None):
-                    return original_load_adapter(self, model_id, adapter_name, *args, **kwargs)
-            except Exception as exc:
-                clear = _explain_read_error(exc, model_id, folder)
-                if clear is None:
-                    raise
-                raise clear from exc
-
-    original_save = PeftModel.save_pretrained
-    save_sig = inspect.signature(original_save)
-
-    @functools.wraps(original_save)
-    def save_pretrained(self, save_directory: str, *args: Any, **kwargs: Any) -> None:
-        arguments = save_sig.bind(self, save_directory, *args, **kwargs).arguments
-        if not _has_lra_adapter(self) or not arguments.get("is_main_process", True):
-            return original_save(self, save_directory, *args, **kwargs)
-        if arguments.get("safe_serialization", True) is False:
-            warnings.warn(
-                f"safe_serialization=False writes the LRA adapter as a pickle file ({BIN_NAME}), which lra-peft only "
-                f"loads with {ALLOW_BIN_ENV}=1; keep the default (safetensors) unless a tool needs the .bin file.",
-                stacklevel=2,
-            )
-        final = Path(save_directory).expanduser()
-        with atomic_save_dir(final) as tmp:
-            readme = final / "README.md"
-            if readme.is_file():
-                shutil.copy2(readme, tmp / "README.md")  # PEFT and lra_peft.hub update a user's card, not replace it
-            original_save(self, str(tmp), *args, **kwargs)
-        # lra_peft.hub remembers where the model was saved (to find metrics.json): the final folder, not the temporary.
-        if self.__dict__.get("_lra_saved_dir") == str(tmp):
-            self.__dict__["_lra_saved_dir"] = str(final)
-
-    json_owner.from_json_file = classmethod(from_json_file)
-    save_and_load.torch_load = torch_load
-    PeftModel.from_pretrained = classmethod(from_pretrained)
-    PeftModel.load_adapter = load_adapter
-    PeftModel.save_pretrained = save_pretrained
-    PeftModel._lra_peft_safety_hooks = True

@@ -12,9 +12,9 @@ in the out × in "matrix view" of the layer (see `LRALayer._to_matrix`).
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
-import re
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -22,30 +22,27 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
-from peft.utils.other import get_pattern_key
+import transformers
+from peft import PeftModel
+from peft.utils import get_peft_model_state_dict
 from torch import nn
+from transformers import AutoConfig
 
-from ._registration import LRA_PEFT_TYPE_NAME
+from ._peft_type import LRA_PEFT_TYPE_NAME
 from .config import LRAConfig
-
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-SAFETENSORS_NAME = "adapter_model.safetensors"
-BIN_NAME = "adapter_model.bin"
-METRICS_NAME = "metrics.json"
-KEY_PREFIX = "base_model.model."
-_FACTOR_KEY = re.compile(
-    r"^base_model\.model\.(?P<module>.+)\.(?P<factor>lra_U0|lra_lambda0|lra_V0|lra_U|lra_lambda|lra_V)$"
+from .format import (
+    CONFIG_NAME,
+    KEY_PREFIX,
+    METRICS_NAME,
+    SAFETENSORS_WEIGHTS_NAME,
+    TASKS,
+    layer_type,
+    matrix_dims,
+    module_rank_alpha,
+    split_factor_key,
 )
-
-# PEFT task types -> the transformers Auto class that AutoPeftModelFor<task> loads the base with.
-TASK_TO_AUTO_CLASS = {
-    "SEQ_CLS": "AutoModelForSequenceClassification",
-    "TOKEN_CLS": "AutoModelForTokenClassification",
-    "CAUSAL_LM": "AutoModelForCausalLM",
-    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
-    "QUESTION_ANS": "AutoModelForQuestionAnswering",
-    "FEATURE_EXTRACTION": "AutoModel",
-}
+from .layer import LRALayer
+from .safety import find_weights_file, load_weights_file, not_a_file_error, read_config_file  # loading's errors
 
 ModelOrDir = Union[str, os.PathLike, nn.Module]
 
@@ -205,16 +202,14 @@ def read_adapter_config(adapter_dir: Union[str, os.PathLike]) -> dict:
                                     "does not exist (a broken link)")
         raise FileNotFoundError(f"adapter folder {str(path)!r} does not exist")
     if not path.is_dir():
-        raise NotADirectoryError(f"{str(path)!r} is a file; pass the adapter folder that holds {ADAPTER_CONFIG_NAME}")
-    config_file = path / ADAPTER_CONFIG_NAME
-    from .safety import not_a_file_error, read_config_file  # the same clear errors as loading with PEFT
-
+        raise NotADirectoryError(f"{str(path)!r} is a file; pass the adapter folder that holds {CONFIG_NAME}")
+    config_file = path / CONFIG_NAME
     problem = not_a_file_error(config_file)
     if problem is not None:
         raise problem
     if not config_file.is_file():
         raise FileNotFoundError(
-            f"{str(path)!r} has no {ADAPTER_CONFIG_NAME}, so it is not a saved PEFT adapter (save one with "
+            f"{str(path)!r} has no {CONFIG_NAME}, so it is not a saved PEFT adapter (save one with "
             "PeftModel.save_pretrained)"
         )
     return read_config_file(config_file)
@@ -230,12 +225,10 @@ def snapshot_from_dir(adapter_dir: Union[str, os.PathLike]) -> AdapterSnapshot:
             f"peft_type={peft_type!r}); this works on adapters saved from an LRA model"
         )
     config = LRAConfig.from_pretrained(str(path))
-    from .safety import find_weights_file, load_weights_file, not_a_file_error
-
     weights_file = find_weights_file(path)
     if weights_file is None:
-        raise not_a_file_error(path / SAFETENSORS_NAME) or FileNotFoundError(
-            f"{str(path)!r} has {ADAPTER_CONFIG_NAME} but no {SAFETENSORS_NAME}")
+        raise not_a_file_error(path / SAFETENSORS_WEIGHTS_NAME) or FileNotFoundError(
+            f"{str(path)!r} has {CONFIG_NAME} but no {SAFETENSORS_WEIGHTS_NAME}")
     # Safetensors only, with a clear error for a damaged file; a pickle .bin needs LRA_PEFT_ALLOW_BIN=1.
     state = load_weights_file(weights_file)
     layers, extra = _split_state_dict(state, str(path))
@@ -252,11 +245,6 @@ def snapshot_from_dir(adapter_dir: Union[str, os.PathLike]) -> AdapterSnapshot:
 
 
 def snapshot_from_model(model: nn.Module, adapter_name: str = "default") -> AdapterSnapshot:
-    from peft import PeftModel
-    from peft.utils import get_peft_model_state_dict
-
-    from .layer import LRALayer
-
     if not isinstance(model, PeftModel):
         raise TypeError(
             f"expected a PeftModel (from get_peft_model or PeftModel.from_pretrained), got {type(model).__name__}"
@@ -293,11 +281,12 @@ def _split_state_dict(
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     extra = {}
     for key, tensor in state.items():
-        match = _FACTOR_KEY.match(key)
-        if match is None:
+        parsed = split_factor_key(key)
+        if parsed is None or not parsed[0].startswith(KEY_PREFIX) or len(parsed[0]) == len(KEY_PREFIX):
             extra[key] = tensor
             continue
-        grouped.setdefault(match.group("module"), {})[match.group("factor")] = tensor
+        module, factor = parsed
+        grouped.setdefault(module[len(KEY_PREFIX):], {})[factor] = tensor
     if not grouped:
         raise ValueError(f"{where} holds no LRA factors (no '*.lra_U' / '*.lra_lambda' / '*.lra_V' tensors)")
     layers = {}
@@ -330,7 +319,7 @@ def head_num_labels(snapshot: AdapterSnapshot) -> Optional[int]:
         return None
     for head in snapshot.config.modules_to_save or []:
         for suffix in (f"{head}.weight", f"{head}.out_proj.weight"):
-            tensor = snapshot.extra.get(f"base_model.model.{suffix}")
+            tensor = snapshot.extra.get(f"{KEY_PREFIX}{suffix}")
             if tensor is not None and tensor.dim() == 2:
                 return int(tensor.shape[0])
     return None
@@ -338,21 +327,16 @@ def head_num_labels(snapshot: AdapterSnapshot) -> Optional[int]:
 
 def layer_scaling(config: LRAConfig, name: str) -> float:
     """s = lra_alpha / r of module `name`, resolved from rank_pattern / alpha_pattern exactly as `LRAModel` does."""
-    r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), name), config.r)
-    alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), name), config.lra_alpha)
+    r, alpha = module_rank_alpha(config, name)
     return float(alpha) / float(r)
 
 
 # ----------------------------------------------------------------------------------------------- base models
 def base_model_class(snapshot: AdapterSnapshot) -> type:
     """The transformers class that `AutoPeftModel*` would load this adapter's base model with."""
-    import importlib
-
-    import transformers
-
     task_type = snapshot.config.task_type
-    if task_type is not None and str(task_type) in TASK_TO_AUTO_CLASS:
-        return getattr(transformers, TASK_TO_AUTO_CLASS[str(task_type)])
+    if task_type is not None and str(task_type) in TASKS:
+        return getattr(transformers, TASKS[str(task_type)].auto_class)
     mapping = snapshot.auto_mapping or {}
     library = mapping.get("parent_library", "")
     if library == "transformers" or library.startswith("transformers."):
@@ -365,8 +349,6 @@ def base_model_class(snapshot: AdapterSnapshot) -> type:
 
 def skeleton_model(snapshot: AdapterSnapshot, base: Optional[Union[str, os.PathLike]] = None) -> Optional[nn.Module]:
     """The base model's module tree on the meta device (no weights), from a local config.json; None if unavailable."""
-    from transformers import AutoConfig
-
     base_id = str(base) if base is not None else snapshot.base_model_name_or_path
     if not base_id:
         return None
@@ -385,8 +367,6 @@ def skeleton_model(snapshot: AdapterSnapshot, base: Optional[Union[str, os.PathL
 
 def describe_layers(layers: dict[str, LayerFactors], model: nn.Module, base_desc: str) -> None:
     """Set each layer's `kind` (and conv/embedding attributes) from `model`'s modules; check the shapes agree."""
-    from .layer import LRALayer
-
     for name, layer in layers.items():
         try:
             module = model.get_submodule(name)
@@ -414,22 +394,13 @@ def describe_layers(layers: dict[str, LayerFactors], model: nn.Module, base_desc
 
 
 def module_kind(module: nn.Module, name: str) -> tuple[str, int, int]:
-    """`(kind, in_features, out_features)` of a base module in LRA's matrix view."""
-    from peft.tuners.tuners_utils import _get_in_out_features
-    from transformers.pytorch_utils import Conv1D
-
-    if isinstance(module, nn.Embedding):
-        return "embedding", module.num_embeddings, module.embedding_dim
-    if isinstance(module, nn.Conv2d):
-        kh, kw = module.kernel_size
-        return "conv2d", module.in_channels // module.groups * kh * kw, module.out_channels
-    if isinstance(module, Conv1D):
-        in_features, out_features = module.weight.shape
-        return "conv1d", in_features, out_features
-    in_features, out_features = _get_in_out_features(module)
-    if in_features is None or out_features is None:
+    """`(kind, in_features, out_features)` of a base module in LRA's matrix view (`format.layer_type`,
+    `format.matrix_dims`)."""
+    kind = layer_type(module)
+    if kind is None:
         raise ValueError(f"module {name!r} is a {type(module).__name__}, which LRA does not adapt")
-    return "linear", in_features, out_features
+    in_features, out_features = matrix_dims(module, kind)
+    return kind, in_features, out_features
 
 
 def _base_desc(base: Optional[ModelOrDir], snapshot: AdapterSnapshot) -> str:

@@ -9,6 +9,7 @@ from peft import get_peft_model
 from peft.utils.quantization_utils import ForwardOnlyQuantizationBackend
 from torch import nn
 
+import lra_peft.format
 import lra_peft.model
 from lra_peft import LRAConfig, LRALayer
 
@@ -83,6 +84,7 @@ def fake_gptq(monkeypatch: pytest.MonkeyPatch):
         return original(module, **kwargs)
 
     monkeypatch.setattr(lra_peft.model, "resolve_quantization_backend", resolve)
+    monkeypatch.setattr(lra_peft.format, "resolve_quantization_backend", resolve)  # layer_type() looks it up there
     model = make_mlp()
     model.lin1 = FakeGPTQLinear(32, 4)
     return model

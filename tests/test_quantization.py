@@ -25,7 +25,8 @@ from transformers import (
 )
 
 from lra_peft import LRAConfig, LRALayer, quantized_load, restore_quantized_residual
-from lra_peft.quantization import quantization_backend_for, refine_quantized_init
+from lra_peft.decomposition import refine_quantized_init
+from lra_peft.quantization import quantization_backend_for
 
 bnb = require("bitsandbytes")
 

@@ -1,8 +1,7 @@
-"""Make "LRA" a PEFT method.
+"""The `PeftType.LRA` member (a leaf module: config.py needs it, and `__init__` registers the method with it).
 
 `peft.utils.register_peft_method` only accepts names that are already members of `PeftType`, and PEFT has no public
-way to add one, so the member is added here before registering. Everything else (config lookup, saving, loading,
-`AutoPeftModel*`) then goes through PEFT's own registries.
+way to add one, so the member is added here; `lra_peft/__init__.py` then registers LRA through PEFT's own registry.
 """
 
 from __future__ import annotations
@@ -27,17 +26,3 @@ def ensure_peft_type(name: str = LRA_PEFT_TYPE_NAME) -> PeftType:
     PeftType._value2member_map_[name] = member
     PeftType._member_names_.append(name)
     return member
-
-
-def register() -> None:
-    """Register LRA with PEFT (idempotent, so re-importing the package is harmless)."""
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-    from peft.utils import register_peft_method
-
-    from .config import LRAConfig
-    from .model import LRAModel
-
-    peft_type = ensure_peft_type()
-    if peft_type in PEFT_TYPE_TO_CONFIG_MAPPING:
-        return
-    register_peft_method(name=LRA_PEFT_TYPE_NAME.lower(), config_cls=LRAConfig, model_cls=LRAModel, prefix="lra_")
