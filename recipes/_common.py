@@ -46,11 +46,24 @@ EPOCH_CHECKPOINT_PREFIX = "epoch_"  # as run_ner_no_trainer.py: epoch_N after ep
 PROGRESS_FILE = "progress.json"
 TRAINABLE_STATE_FILE = "trainable_state.safetensors"  # a checkpoint's model part: trainable weights and buffers only
 BEST_STATE_FILE = "best_state.safetensors"  # --load_best_model_at_end: the best epoch's trainable weights
-# The fewest optimizer steps a run without --num_train_epochs / --max_train_steps takes (see plan_schedule). Chosen on
-# the validation split of a 3,000-sentence CoNLL-2003 slice (docs/recipes.md, "Training length on your own, smaller
-# data"); at most the 439 steps of the smallest shipped dataset it applies to (CoNLL-2003, 14,041 sentences / 32), so
-# shipped runs do not change.
+# The fewest optimizer steps a run without --num_train_epochs / --max_train_steps takes (plan_schedule), unless the
+# task's own default run on its shipped data takes fewer (min_train_steps_for). Chosen on validation splits of small
+# CoNLL-2003 and Banking77 slices (benchmarks/results/min_steps.md, docs/recipes.md "Training length on your own,
+# smaller data").
 MIN_TRAIN_STEPS = 400
+
+
+def min_train_steps_for(shipped_train_examples: Optional[int], num_train_epochs: int, batch_size: int) -> int:
+    """The one rule of every recipe: MIN_TRAIN_STEPS, or the optimizer steps of the task's default run on its shipped
+    training split (`num_train_epochs` × ⌈examples / batch_size⌉) when those are fewer.
+
+    A smaller dataset thus trains at least as many steps as the defaults were chosen with on the shipped data, up to
+    the minimum found sufficient on small slices; a shipped run is never lengthened. None (no shipped data, e.g.
+    instruct.py): MIN_TRAIN_STEPS.
+    """
+    if shipped_train_examples is None:
+        return MIN_TRAIN_STEPS
+    return min(MIN_TRAIN_STEPS, num_train_epochs * math.ceil(shipped_train_examples / batch_size))
 
 
 class RecipeError(Exception):
@@ -83,11 +96,17 @@ class TaskDefaults:
     # LRA's --init_weights, chosen per task on validation over three seeds (docs/results.md#choosing-the-initialisation-per-task-three-seeds-on-validation)
     init_weights: Union[bool, str] = "principal"
     target_modules: Union[str, list[str]] = field(default_factory=lambda: ["query", "key", "value", "dense"])
-    # Without --num_train_epochs / --max_train_steps, train more epochs than `num_train_epochs` until at least this
-    # many optimizer steps (plan_schedule); never above the steps the shipped dataset takes at the defaults.
-    min_train_steps: int = MIN_TRAIN_STEPS
+    # Training examples of the task's shipped dataset: the per-task input of the minimum number of optimizer steps.
+    shipped_train_examples: Optional[int] = None
     output_dir: str = ""
     extra: dict = field(default_factory=dict)
+    # Without --num_train_epochs / --max_train_steps, train more epochs than `num_train_epochs` until at least this
+    # many optimizer steps (plan_schedule): min_train_steps_for, the same rule for every recipe.
+    min_train_steps: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.min_train_steps = min_train_steps_for(self.shipped_train_examples, self.num_train_epochs,
+                                                   self.per_device_train_batch_size)
 
 
 def _parse_init_weights(value: str) -> Union[bool, str]:
