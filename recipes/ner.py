@@ -33,7 +33,7 @@ from seqeval.metrics import accuracy_score, classification_report, f1_score, pre
 from transformers import AutoModelForTokenClassification, DataCollatorForTokenClassification
 
 DEFAULTS = TaskDefaults(dataset="conll2003", learning_rate=1e-3, full_learning_rate=5e-5, num_train_epochs=1,
-                        per_device_train_batch_size=32, max_length=256)
+                        per_device_train_batch_size=32, max_length=256, shipped_train_examples=14041)
 FILES = {"train": "train.txt", "validation": "valid.txt", "test": "test.txt"}
 
 Sentence = tuple[list[str], list[str]]  # (words, tags)

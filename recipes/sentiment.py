@@ -31,7 +31,8 @@ from common.text_classification import evaluate_classifier, tokenize
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
 DEFAULTS = TaskDefaults(dataset="sst2", learning_rate=1e-3, full_learning_rate=5e-5, num_train_epochs=1,
-                        per_device_train_batch_size=32, max_length=128, init_weights="minor")
+                        per_device_train_batch_size=32, max_length=128, init_weights="minor",
+                        shipped_train_examples=67349)
 FILES = {"train": "train.tsv", "validation": "dev.tsv", "test": "test.tsv"}
 
 

@@ -379,3 +379,43 @@ def test_tune_reuses_an_archived_cell_only_with_the_same_flags(tmp_path: Path, m
     assert tune.archived("cell", recipe, [*now, "--distill_alpha", "0.5"]) is None
     assert tune.archived("cell", recipe, [a if a != "2e-3" else "1e-3" for a in now]) is None
     assert tune.archived("other", recipe, now) is None
+
+
+STEPS_RECIPE = '''
+import json, pathlib, sys
+
+args = sys.argv[1:]
+flag = lambda name: args[args.index(name) + 1]
+out = pathlib.Path(flag("--output_dir"))
+out.mkdir(parents=True, exist_ok=True)
+steps, method = int(flag("--max_train_steps")), flag("--method")
+score = {100: 0.50, 200: 0.70, 400: 0.795, 800: 0.80}[steps] - (0.1 if method == "lora" else 0.0)
+(out / "metrics.json").write_text(json.dumps({"command": "python " + " ".join(sys.argv), "eval_f1": score,
+                                              "test_f1": 0.99, "train_length": {"epochs_run": steps // 94 + 1}}))
+'''
+
+
+def test_min_steps_picks_the_fewest_steps_near_the_best_on_validation_and_resumes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    min_steps = load_script("min_steps")
+    monkeypatch.setattr(min_steps, "ARCHIVE", tmp_path / "archive")
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    (recipes / "ner.py").write_text(STEPS_RECIPE)
+    argv = ["--recipe", "ner", "--max_train_samples", "3000", "--steps", "100,200,400,800", "--variants", "lra,lora",
+            "--recipe-dir", str(recipes), "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "t.md")]
+    text = min_steps.main(argv)
+    assert table_rows(text, "lra")[0] == ["lra", "50.00", "70.00", "79.50", "80.00"]
+    # 400 steps are within 1 point of the best (800), 200 are not; the test split is neither shown nor used.
+    assert table_rows(text, "lra")[1] == ["lra", "80.00", "400", "5", "79.50"]
+    assert table_rows(text, "lora")[1][2] == "400" and "99" not in text
+    assert min_steps.shortest_near_best({100: 50.0, 200: 79.2, 400: 80.0}, 1.0) == 200
+    # Resumable: with the run folders gone and a recipe that fails, every run comes from the archive.
+    (recipes / "ner.py").write_text("raise SystemExit(1)\n")
+    for run in (tmp_path / "runs").iterdir():
+        (run / "metrics.json").unlink(missing_ok=True)
+    again = min_steps.main(argv)
+    assert [table_rows(again, v) for v in ("lra", "lora")] == [table_rows(text, v) for v in ("lra", "lora")]
+    # A different slice is a different run: it is not taken from the archive (and the failing recipe fails).
+    with pytest.raises(RuntimeError):
+        min_steps.main([*argv[:3], "1500", *argv[4:]])

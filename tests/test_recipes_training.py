@@ -22,6 +22,7 @@ from test_recipes import (  # (the recipe tests' fixture data and runner)
     run_recipe,
     small,
     write_conll,
+    write_movielens,
     write_sst2,
 )
 
@@ -65,6 +66,20 @@ def test_shipped_datasets_keep_their_default_number_of_steps(task, steps):
     assert "reach --min_train_steps" in schedule.reason
 
 
+@pytest.mark.parametrize("task", sorted(SHIPPED))
+def test_one_rule_for_every_recipe(task):
+    """The minimum is MIN_TRAIN_STEPS (400), or the steps of the task's default run on its shipped data when fewer
+    (recommend: 2,412 / 32 = 76); data an eighth of the shipped size then trains more epochs than the default."""
+    args = importlib.import_module(task).parse_args([])
+    shipped_steps = args.task_num_train_epochs * -(-SHIPPED[task] // args.per_device_train_batch_size)
+    assert args.min_train_steps == min(400, shipped_steps) == {"recommend": 76}.get(task, 400)
+    schedule = planning.plan_schedule(args, SHIPPED[task] // 8, num_processes=1)
+    assert schedule.num_train_epochs > args.task_num_train_epochs
+    assert args.min_train_steps <= schedule.max_train_steps < args.min_train_steps + schedule.updates_per_epoch
+    assert f"fewer than --min_train_steps {args.min_train_steps}: raised to {schedule.num_train_epochs}" in \
+        schedule.reason
+
+
 def test_small_data_without_an_epoch_flag_trains_at_least_the_minimum_number_of_steps():
     ner = importlib.import_module("ner")
     args = ner.parse_args([])
@@ -91,6 +106,31 @@ def test_recipe_on_a_small_slice_runs_more_epochs_and_records_why(tiny_model, tm
     assert length["planned_epochs"] == length["epochs_run"] == 3 and length["steps_run"] == 12
     assert "default 1 epoch(s) would be only 4 steps" in length["reason"]
     assert metrics["args"]["num_train_epochs"] == 3
+
+
+@pytest.mark.parametrize("task, minimum", [("ner", 400), ("recommend", 76)])
+def test_recipe_on_small_data_at_its_defaults_runs_more_epochs_and_records_why(tiny_model, tmp_path, task, minimum):
+    """Two recipes, each at its own default minimum (no --min_train_steps): the run is longer than the default 1 epoch
+    and metrics.json says why; a --max_train_samples cut of the same data keeps the default epoch and says why."""
+    out = tmp_path / "out"
+    if task == "ner":  # 320 sentences at batch 4: 80 steps per epoch, so 400 steps are 5 epochs
+        data, extra = write_conll(tmp_path / "conll", n_train=320), []
+    else:
+        data, extra = write_movielens(tmp_path / "ml"), ["--num_eval_negatives", "9"]
+    run_recipe(f"{task}.py", *small(tiny_model, data, out, *extra))
+    metrics = metrics_of(out)
+    length = metrics["train_length"]
+    per_epoch = metrics["train_steps"] // metrics["epochs"]
+    assert metrics["epochs"] > 1 and length["epochs_run"] == length["planned_epochs"] == metrics["epochs"]
+    assert minimum <= length["steps_run"] == metrics["train_steps"] < minimum + per_epoch
+    assert (f"default 1 epoch(s) would be only {per_epoch} steps of {per_epoch}, fewer than --min_train_steps "
+            f"{minimum}: raised to {metrics['epochs']} epochs") in length["reason"]
+
+    quick = tmp_path / "quick"
+    run_recipe(f"{task}.py", *small(tiny_model, data, quick, *extra, "--max_train_samples", "8"))
+    length = metrics_of(quick)["train_length"]
+    assert length["epochs_run"] == 1 and length["steps_run"] == 2
+    assert "--max_train_samples 8 is a quick run, where --min_train_steps does not apply" in length["reason"]
 
 
 # --------------------------------------------------------------------------------- best epoch and early stopping

@@ -18,7 +18,7 @@ from .calibration import DEFAULT_CALIBRATION_SAMPLES
 from .data import DATA_ENV_VAR, DEFAULT_DATA_ROOT
 from .errors import RecipeError
 from .methods import METHODS, hub_id_error
-from .schedule import MIN_TRAIN_STEPS
+from .schedule import min_train_steps_for
 
 _COMMAND = ""  # the command line of this run, for metrics.json and the model card
 
@@ -42,11 +42,17 @@ class TaskDefaults:
     # LRA's --init_weights, chosen per task on validation over three seeds (docs/results.md#choosing-the-initialisation-per-task-three-seeds-on-validation)
     init_weights: Union[bool, str] = "principal"
     target_modules: Union[str, list[str]] = field(default_factory=lambda: ["query", "key", "value", "dense"])
-    # Without --num_train_epochs / --max_train_steps, train more epochs than `num_train_epochs` until at least this
-    # many optimizer steps (plan_schedule); never above the steps the shipped dataset takes at the defaults.
-    min_train_steps: int = MIN_TRAIN_STEPS
+    # Training examples of the task's shipped dataset: the per-task input of the minimum number of optimizer steps.
+    shipped_train_examples: Optional[int] = None
     output_dir: str = ""
     extra: dict = field(default_factory=dict)
+    # Without --num_train_epochs / --max_train_steps, train more epochs than `num_train_epochs` until at least this
+    # many optimizer steps (plan_schedule): min_train_steps_for, the same rule for every recipe.
+    min_train_steps: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.min_train_steps = min_train_steps_for(self.shipped_train_examples, self.num_train_epochs,
+                                                   self.per_device_train_batch_size)
 
 
 def _parse_init_weights(value: str) -> Union[bool, str]:

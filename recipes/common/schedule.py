@@ -5,12 +5,26 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass
+from typing import Optional
 
-# The fewest optimizer steps a run without --num_train_epochs / --max_train_steps takes (see plan_schedule). Chosen on
-# the validation split of a 3,000-sentence CoNLL-2003 slice (docs/recipes.md, "Training length on your own, smaller
-# data"); at most the 439 steps of the smallest shipped dataset it applies to (CoNLL-2003, 14,041 sentences / 32), so
-# shipped runs do not change.
+# The fewest optimizer steps a run without --num_train_epochs / --max_train_steps takes (plan_schedule), unless the
+# task's own default run on its shipped data takes fewer (min_train_steps_for). Chosen on the validation split of a
+# 3,000-sentence CoNLL-2003 slice, runs of up to 282 steps (docs/recipes.md "Training length on your own, smaller
+# data"); benchmarks/min_steps.py measures longer runs.
 MIN_TRAIN_STEPS = 400
+
+
+def min_train_steps_for(shipped_train_examples: Optional[int], num_train_epochs: int, batch_size: int) -> int:
+    """The one rule of every recipe: MIN_TRAIN_STEPS, or the optimizer steps of the task's default run on its shipped
+    training split (`num_train_epochs` × ⌈examples / batch_size⌉) when those are fewer.
+
+    A smaller dataset thus trains at least as many steps as the defaults were chosen with on the shipped data, up to
+    the minimum found sufficient on small slices; a shipped run is never lengthened. None (no shipped data, e.g.
+    instruct.py): MIN_TRAIN_STEPS.
+    """
+    if shipped_train_examples is None:
+        return MIN_TRAIN_STEPS
+    return min(MIN_TRAIN_STEPS, num_train_epochs * math.ceil(shipped_train_examples / batch_size))
 
 
 @dataclass
