@@ -35,6 +35,9 @@ class TaskDefaults:
     dataset: str
     learning_rate: float = 1e-3
     full_learning_rate: float = 5e-5
+    # Per-method defaults of --learning_rate / --lr_scheduler_type / --num_warmup_steps that differ from the above
+    # (linear decay, no warm-up): each method's winner on the task's validation grid (docs/results.md#tuning-on-validation).
+    method_defaults: dict = field(default_factory=dict)
     num_train_epochs: int = 1
     per_device_train_batch_size: int = 32
     per_device_eval_batch_size: int = 64
@@ -143,7 +146,7 @@ def build_parser(description: str, defaults: TaskDefaults) -> argparse.ArgumentP
     train.add_argument("--per_device_eval_batch_size", type=int, default=defaults.per_device_eval_batch_size)
     train.add_argument("--learning_rate", type=float, default=None,
                        help=f"Default {defaults.learning_rate:g} for adapters, {defaults.full_learning_rate:g} for "
-                            "--method full.")
+                            "--method full" + _method_defaults_help(defaults, "learning_rate") + ".")
     train.add_argument("--weight_decay", type=float, default=0.0)
     train.add_argument("--num_train_epochs", type=int, default=None,
                        help=f"Default: {defaults.num_train_epochs}, or more epochs when that is fewer than "
@@ -155,10 +158,12 @@ def build_parser(description: str, defaults: TaskDefaults) -> argparse.ArgumentP
                             "See docs/recipes.md#training-length-on-your-own-smaller-data.")
     p.set_defaults(task_num_train_epochs=defaults.num_train_epochs)
     train.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    train.add_argument("--lr_scheduler_type", default="linear",
+    train.add_argument("--lr_scheduler_type", default=None,
                        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
-                                "constant_with_warmup"])
-    train.add_argument("--num_warmup_steps", type=int, default=0)
+                                "constant_with_warmup"],
+                       help="Default linear" + _method_defaults_help(defaults, "lr_scheduler_type") + ".")
+    train.add_argument("--num_warmup_steps", type=int, default=None,
+                       help="Default 0" + _method_defaults_help(defaults, "num_warmup_steps") + ".")
     train.add_argument("--seed", type=int, default=42)
     train.add_argument("--group_by_length", action=argparse.BooleanOptionalAction, default=True,
                        help="Batch examples of similar length (random order otherwise): much less padding.")
@@ -201,10 +206,22 @@ def build_parser(description: str, defaults: TaskDefaults) -> argparse.ArgumentP
     return p
 
 
+def _method_defaults_help(defaults: TaskDefaults, name: str) -> str:
+    per_method = [f"{value:g} for --method {method}" if isinstance(value, float) else f"{value} for --method {method}"
+                  for method, values in sorted(defaults.method_defaults.items()) if (value := values.get(name)) is not None]
+    return f" ({'; '.join(per_method)}: chosen on validation)" if per_method else ""
+
+
 def finalize_args(args: argparse.Namespace, defaults: TaskDefaults, argv: Optional[Sequence[str]]) -> None:
     """Fill method-dependent defaults and reject flag combinations that cannot work, before any heavy work."""
+    chosen = defaults.method_defaults.get(args.method, {})
     if args.learning_rate is None:
-        args.learning_rate = defaults.full_learning_rate if args.method == "full" else defaults.learning_rate
+        args.learning_rate = chosen.get("learning_rate",
+                                        defaults.full_learning_rate if args.method == "full" else defaults.learning_rate)
+    if args.lr_scheduler_type is None:
+        args.lr_scheduler_type = chosen.get("lr_scheduler_type", "linear")
+    if args.num_warmup_steps is None:
+        args.num_warmup_steps = chosen.get("num_warmup_steps", 0)
     raw = list(sys.argv[1:] if argv is None else argv)
     if args.method == "vera" and not any(a == "--r" or a.startswith("--r=") for a in raw):
         args.r = 256
