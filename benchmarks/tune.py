@@ -45,8 +45,9 @@ def cell_flags(lr: str, schedule: str, warmup_steps: int) -> list[str]:
     if schedule not in SCHEDULES:
         raise SystemExit(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
     name, warm = SCHEDULES[schedule]
-    flags = ["--learning_rate", lr, "--lr_scheduler_type", name]
-    return flags + (["--num_warmup_steps", str(warmup_steps)] if warm else [])
+    # Every flag of the cell explicit, so that a recipe's per-method defaults (TaskDefaults.method_defaults) never
+    # change what a cell means.
+    return ["--learning_rate", lr, "--lr_scheduler_type", name, "--num_warmup_steps", str(warmup_steps if warm else 0)]
 
 
 def archive(name: str, metrics: dict) -> None:
@@ -73,11 +74,13 @@ def archived(name: str, recipe: Path, run_args: list[str]) -> dict | None:
     if not path.exists():
         return None
     metrics = json.loads(path.read_text())
+    if isinstance(metrics.get("args"), dict):
+        # The run's resolved flags (metrics.json "args") against what the cell's flags resolve to today: the same run
+        # even when the command line spelled a default out or left it implicit.
+        return None if changed_defaults(recipe, run_args, metrics) else metrics
     command = metrics.get("command", "").split()
     ran = command[command.index(str(recipe.relative_to(REPO_ROOT))) + 1:] if command else []
-    if _without_output_dir(ran) != _without_output_dir(run_args) or changed_defaults(recipe, run_args, metrics):
-        return None
-    return metrics
+    return metrics if _without_output_dir(ran) == _without_output_dir(run_args) else None
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -181,8 +181,9 @@ def test_a_finished_run_whose_epochs_the_recipe_planned_is_reused(tmp_path: Path
     assert recorded["num_train_epochs"] is None
     recorded["num_train_epochs"] = 1  # what the run writes into metrics.json's args after planning CoNLL's 439 steps
     assert quality.changed_defaults(recipe, args, {"args": recorded, "epochs": 1}) == []
-    recorded["learning_rate"] = 5e-4
-    assert quality.changed_defaults(recipe, args, {"args": recorded, "epochs": 1}) == ["--learning_rate 0.0005 -> 0.001"]
+    default_lr, recorded["learning_rate"] = recorded["learning_rate"], 5e-4
+    assert quality.changed_defaults(recipe, args, {"args": recorded, "epochs": 1}) == \
+        [f"--learning_rate 0.0005 -> {default_lr!r}"]
 
 
 def test_device_check_passes_on_the_cpu_with_a_tiny_bert(tmp_path: Path) -> None:
@@ -419,3 +420,22 @@ def test_min_steps_picks_the_fewest_steps_near_the_best_on_validation_and_resume
     # A different slice is a different run: it is not taken from the archive (and the failing recipe fails).
     with pytest.raises(RuntimeError):
         min_steps.main([*argv[:3], "1500", *argv[4:]])
+
+
+def test_tune_compares_an_archived_cell_by_its_resolved_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A run that recorded its resolved flags is the cell's run when today's recipe resolves the cell's flags the same
+    # way, and not when a value differs (here the learning rate it ran with).
+    tune = load_script("tune")
+    monkeypatch.setattr(tune, "ARCHIVE", tmp_path)
+    recipe = tune.REPO_ROOT / "recipes" / "ner.py"
+    sys.path.insert(0, str(recipe.parent))
+    try:
+        ner = importlib.import_module("ner")
+    finally:
+        sys.path.remove(str(recipe.parent))
+    now = ["--method", "lora", "--seed", "42", "--output_dir", str(tmp_path / "cell"), *tune.cell_flags("1e-3", "linear", 0)]
+    recorded = json.loads(json.dumps(vars(ner.parse_args(now)), default=str))
+    (tmp_path / "cell.json").write_text(json.dumps({"args": recorded, "command": "elsewhere", "eval_f1": 0.7}))
+    assert tune.archived("cell", recipe, now)["eval_f1"] == 0.7
+    (tmp_path / "cell.json").write_text(json.dumps({"args": {**recorded, "learning_rate": 2e-3}, "eval_f1": 0.7}))
+    assert tune.archived("cell", recipe, now) is None

@@ -1,0 +1,34 @@
+"""Per-method defaults of the recipes (issue #18): each method's learning rate and schedule chosen on validation."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import test_recipes  # noqa: F401  (puts recipes/ on sys.path)
+
+ner = importlib.import_module("ner")
+
+
+@pytest.mark.parametrize("method, expected", [
+    ("lra", (2e-3, "linear", 0)),
+    ("lora", (1e-3, "constant_with_warmup", 26)),
+    ("full", (2e-4, "linear", 0)),
+    ("adalora", (1e-3, "linear", 0)),  # not tuned yet: the task's plain defaults
+])
+def test_ner_defaults_are_each_methods_validation_winner(method, expected):
+    args = ner.parse_args(["--method", method])
+    assert (args.learning_rate, args.lr_scheduler_type, args.num_warmup_steps) == expected
+
+
+def test_explicit_flags_override_the_per_method_defaults():
+    args = ner.parse_args(["--method", "lora", "--lr_scheduler_type", "linear", "--num_warmup_steps", "0",
+                           "--learning_rate", "5e-4"])
+    assert (args.learning_rate, args.lr_scheduler_type, args.num_warmup_steps) == (5e-4, "linear", 0)
+
+
+def test_help_names_the_per_method_defaults(capsys):
+    with pytest.raises(SystemExit):
+        ner.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "constant_with_warmup for --method lora" in text and "0.002 for --method lra" in text
