@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import REPO_ROOT, RESULTS_DIR, LoadRecorder, machine_lines, markdown_table, write_result  # noqa: E402
-from quality import PRIMARY, changed_defaults, run_one  # noqa: E402
+from quality import PRIMARY, archived_run, run_one  # noqa: E402
 
 # The variants compared; lra-uv1 is LRA principal without the U/V learning-rate rule (issue #23, early steps).
 VARIANTS = {
@@ -49,31 +49,9 @@ def run_args(variant: str, samples: int, eval_samples: int, steps: int, seed: in
             str(samples), "--max_eval_samples", str(eval_samples), "--max_train_steps", str(steps), *extra]
 
 
-def _flags(command: list[str]) -> list[str]:
-    """A recorded command's flags without the output folder (the same run may have been made in another folder)."""
-    out, skip = [], False
-    for a in command:
-        if skip:
-            skip = False
-        elif a == "--output_dir":
-            skip = True
-        elif a != "--overwrite_output_dir":
-            out.append(a)
-    return out
-
-
 def archived(name: str, recipe: Path, args: list[str]) -> dict | None:
-    """The archived metrics.json of the run `name` if it ran with exactly `args` and today's recipe defaults."""
-    path = ARCHIVE / f"{name}.json"
-    if not path.exists():
-        return None
-    metrics = json.loads(path.read_text())
-    command = metrics.get("command", "").split()
-    at = [i for i, a in enumerate(command) if Path(a).name == recipe.name]  # the recipe, whatever its folder
-    ran = command[at[0] + 1:] if at else None
-    if ran is None or _flags(ran) != _flags(args) or changed_defaults(recipe, args, metrics):
-        return None
-    return metrics
+    """The archived metrics.json of the run `name` if it is the run `args` asks for with today's recipe defaults."""
+    return archived_run(ARCHIVE / f"{name}.json", recipe, args)
 
 
 def shortest_near_best(scores: dict[int, float], tolerance: float) -> int:

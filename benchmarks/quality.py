@@ -123,6 +123,38 @@ def changed_defaults(recipe: Path, args: list[str], metrics: dict) -> list[str]:
     return [f"--{k} {recorded.get(k)!r} -> {v!r}" for k, v in now.items() if k in recorded and recorded[k] != v]
 
 
+def flags_without_output_dir(args: list[str]) -> list[str]:
+    """A run's flags without where it went (the same run may have been made in another folder)."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == "--output_dir":
+            skip = True
+        elif a != "--overwrite_output_dir":
+            out.append(a)
+    return out
+
+
+def archived_run(path: Path, recipe: Path, run_args: list[str]) -> dict | None:
+    """The archived metrics.json at `path` if it is the run `run_args` asks for today, else None.
+
+    A run that recorded its resolved flags (metrics.json "args") is compared by them with what the recipe resolves
+    `run_args` to today, so a command that spelled a default out, or left it implicit, is still the same run; other
+    runs (or recipes without `parse_args`) by their command line, output folder aside."""
+    if not path.exists():
+        return None
+    metrics = json.loads(path.read_text())
+    if isinstance(metrics.get("args"), dict) and "\ndef parse_args(" in recipe.read_text():
+        return None if changed_defaults(recipe, run_args, metrics) else metrics
+    command = metrics.get("command", "").split()
+    at = [i for i, a in enumerate(command) if Path(a).name == recipe.name]  # the recipe, whatever its folder
+    ran = command[at[0] + 1:] if at else None
+    if ran is None or flags_without_output_dir(ran) != flags_without_output_dir(run_args):
+        return None
+    return metrics
+
+
 _MODULES: dict[Path, Any] = {}
 
 

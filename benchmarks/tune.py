@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import REPO_ROOT, RESULTS_DIR, LoadRecorder, machine_lines, markdown_table, write_result  # noqa: E402
-from quality import FULL, METHOD_FLAGS, PRIMARY, changed_defaults, recipe_args, run_one  # noqa: E402
+from quality import FULL, METHOD_FLAGS, PRIMARY, archived_run, recipe_args, run_one  # noqa: E402
 
 SCHEDULES = {
     "linear": ("linear", False),
@@ -55,32 +55,10 @@ def archive(name: str, metrics: dict) -> None:
     (ARCHIVE / f"{name}.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
 
 
-def _without_output_dir(args: list[str]) -> list[str]:
-    out, skip = [], False
-    for a in args:
-        if skip:
-            skip = False
-        elif a == "--output_dir":
-            skip = True
-        elif a != "--overwrite_output_dir":
-            out.append(a)
-    return out
-
-
 def archived(name: str, recipe: Path, run_args: list[str]) -> dict | None:
     """The archived metrics.json of a cell run earlier with the same flags (its run folder may be gone: the archive is
     what a fresh checkout has), or None when there is none or the recipe now resolves its flags differently."""
-    path = ARCHIVE / f"{name}.json"
-    if not path.exists():
-        return None
-    metrics = json.loads(path.read_text())
-    if isinstance(metrics.get("args"), dict):
-        # The run's resolved flags (metrics.json "args") against what the cell's flags resolve to today: the same run
-        # even when the command line spelled a default out or left it implicit.
-        return None if changed_defaults(recipe, run_args, metrics) else metrics
-    command = metrics.get("command", "").split()
-    ran = command[command.index(str(recipe.relative_to(REPO_ROOT))) + 1:] if command else []
-    return metrics if _without_output_dir(ran) == _without_output_dir(run_args) else None
+    return archived_run(ARCHIVE / f"{name}.json", recipe, run_args)
 
 
 def main(argv: list[str] | None = None) -> str:
