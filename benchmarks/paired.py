@@ -131,6 +131,7 @@ def predict(model: torch.nn.Module, features: list[dict], collator: Any, batch_s
 def classification_scores(path: Path, task: str, args: argparse.Namespace,
                           model_name_or_path: Optional[str]) -> dict[str, Scored]:
     from common.data import take
+    from common.text_classification import tokenize
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
     splits, _ = __import__(task).load_splits(args)
@@ -140,9 +141,7 @@ def classification_scores(path: Path, task: str, args: argparse.Namespace,
     out = {}
     for split in SPLITS:
         rows = take(splits[split], args.max_eval_samples)
-        encoded = tokenizer([text for text, _ in rows], truncation=True, max_length=args.max_length)
-        features = [{"input_ids": encoded["input_ids"][i], "attention_mask": encoded["attention_mask"][i],
-                     "labels": kwargs["label2id"][label], "index": i} for i, (_, label) in enumerate(rows)]
+        features = tokenize(tokenizer, rows, labels, args.max_length, f"Tokenizing {split}")
         predictions = predict(model, features, DataCollatorWithPadding(tokenizer), args.per_device_eval_batch_size)
         right = np.array([float(predictions[i][0] == predictions[i][1]) for i in range(len(rows))])
         out[split] = Scored(np.stack([right, np.ones_like(right)], axis=1), right)
@@ -152,7 +151,8 @@ def classification_scores(path: Path, task: str, args: argparse.Namespace,
 def ner_scores(path: Path, args: argparse.Namespace, model_name_or_path: Optional[str]) -> dict[str, Scored]:
     """Per sentence: true positive, false positive and false negative entities (seqeval's entity extraction)."""
     import ner
-    from common.data import take
+    from common.conll import NER_TAGS
+    from common.data import column, take
     from seqeval.metrics.sequence_labeling import get_entities
     from transformers import AutoModelForTokenClassification, AutoTokenizer, DataCollatorForTokenClassification
 
@@ -163,11 +163,11 @@ def ner_scores(path: Path, args: argparse.Namespace, model_name_or_path: Optiona
     out = {}
     for split in SPLITS:
         sentences = take(splits[split], args.max_eval_samples)
-        features = ner.tokenize(tokenizer, sentences, kwargs["label2id"], args.max_length)
+        features = ner.tokenize(tokenizer, sentences, kwargs["label2id"], args.max_length, f"Tokenizing {split}")
         predictions = predict(model, features, DataCollatorForTokenClassification(tokenizer),
                               args.per_device_eval_batch_size)
         stats = np.zeros((len(sentences), 3))
-        for i, (_, tags) in enumerate(sentences):
+        for i, tags in enumerate(column(sentences, NER_TAGS)):
             ids, label_ids = predictions[i]
             words = [labels[p] for p, y in zip(ids, label_ids) if y != -100]
             predicted = words + ["O"] * (len(tags) - len(words))  # words past --max_length, as the recipe counts them

@@ -3,7 +3,8 @@
     accelerate launch recipes/intent.py                   # MiniLM + LRA r=8, ../shared/data/banking77
     accelerate launch --num_processes 2 --cpu recipes/intent.py --per_device_train_batch_size 16   # 2 processes
 
-Reads `train.csv` and `test.csv` (header `text,category`; quoted texts may span lines). Banking77 has no validation
+Reads `train.csv` and `test.csv` (header `text,category`, or the columns named by --text_column_name /
+--label_column_name; quoted texts may span lines). Banking77 has no validation
 split, so `--validation_split_percentage` of each class of `train.csv` is held out with `--split_seed` (stratified,
 fixed, independent of --seed). The classes are those of the whole training file, also with --max_train_samples.
 Reports accuracy and macro-F1.
@@ -16,14 +17,22 @@ import random
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import Optional
+from typing import Any, Optional
 
 from common.accelerator import make_accelerator
 from common.args import TaskDefaults
 from common.args import parse_args as parse_recipe_args
 from common.batching import eval_loaders, without_index
 from common.calibration import CalibrationData
-from common.data import Example, hub_text_classification_splits, label_set_and_slices, read_table, resolve_data_dir
+from common.data import (
+    LABEL,
+    add_column_args,
+    column,
+    hub_text_classification_splits,
+    label_set_and_slices,
+    read_table,
+    resolve_data_dir,
+)
 from common.distill import load_teacher, make_loss
 from common.errors import RecipeError, run_main
 from common.loop import default_loss, train
@@ -43,12 +52,14 @@ def add_task_args(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--validation_split_percentage", type=float, default=10.0,
                        help="Share of each class of train.csv held out for validation.")
     group.add_argument("--split_seed", type=int, default=42, help="Seed of the train/validation split.")
+    add_column_args(group, "text (Hub datasets: text or sentence)", "category (Hub datasets: label)")
 
 
-def stratified_split(rows: list[Example], percentage: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """Hold out round(percentage % of each class) with a fixed seed; a class with one example stays in train."""
+def stratified_split(rows: Any, percentage: float, seed: int) -> tuple[Any, Any]:
+    """Hold out round(percentage % of each class) of a `Dataset` of `text` / `label` with a fixed seed; a class with
+    one example stays in train. Both parts keep the file's order."""
     by_label: dict[str, list[int]] = defaultdict(list)
-    for i, (_, label) in enumerate(rows):
+    for i, label in enumerate(column(rows, LABEL)):
         by_label[label].append(i)
     rng = random.Random(seed)
     held_out: set[int] = set()
@@ -57,17 +68,18 @@ def stratified_split(rows: list[Example], percentage: float, seed: int) -> tuple
         rng.shuffle(indices)
         k = min(len(indices) - 1, round(len(indices) * percentage / 100))
         held_out.update(indices[:k])
-    return ([r for i, r in enumerate(rows) if i not in held_out], [r for i, r in enumerate(rows) if i in held_out])
+    return rows.select([i for i in range(len(rows)) if i not in held_out]), rows.select(sorted(held_out))
 
 
-def load_splits(args: argparse.Namespace) -> tuple[dict[str, list[Example]], dict[str, str]]:
-    """{split: (text, category) rows}, validation held out of train.csv, and where each split came from."""
+def load_splits(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:
+    """{split: `Dataset` of `text` / `label`}, validation held out of train.csv, and where each split came from."""
     if args.dataset_name:
         raw = hub_text_classification_splits(args, {"train": "train", "test": "test"})
         where = {"train": f"{args.dataset_name}[train]", "test": f"{args.dataset_name}[test]"}
     else:
         folder = resolve_data_dir(args.data_dir, DEFAULTS.dataset, list(FILES.values()))
-        raw = {split: read_table(folder / name, "text", "category") for split, name in FILES.items()}
+        text, label = args.text_column_name or "text", args.label_column_name or "category"
+        raw = {split: read_table(folder / name, text, label) for split, name in FILES.items()}
         where = {split: str(folder / name) for split, name in FILES.items()}
     if not 0 < args.validation_split_percentage < 100:
         raise RecipeError(f"--validation_split_percentage={args.validation_split_percentage} must be in (0, 100)")
@@ -87,10 +99,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
 
     # Data: the classes are the whole training file's (Banking77: 77), also under --max_train_samples.
     splits, where = load_splits(args)
-    labels, splits = label_set_and_slices(args, splits, where, lambda row: [row[1]])
+    labels, splits = label_set_and_slices(args, splits, where, LABEL)
     accelerator = make_accelerator(args)
     tokenizer = load_tokenizer(args)
-    features = {split: tokenize(tokenizer, rows, labels, args.max_length) for split, rows in splits.items()}
+    with accelerator.main_process_first():  # the first process fills the cache, the others read it
+        features = {split: tokenize(tokenizer, rows, labels, args.max_length, f"Tokenizing {split}")
+                    for split, rows in splits.items()}
     collator = DataCollatorWithPadding(tokenizer)
     schedule = plan_schedule(args, len(features["train"]), accelerator.num_processes)
 

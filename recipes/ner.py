@@ -14,15 +14,16 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from common.accelerator import make_accelerator
 from common.args import TaskDefaults
 from common.args import parse_args as parse_recipe_args
 from common.batching import eval_loaders, predict, without_index
 from common.calibration import CalibrationData
-from common.data import label_set_and_slices, load_hub_dataset, resolve_data_dir
+from common.conll import NER_TAGS, TOKENS, read_conll
+from common.data import add_column_args, column, label_set_and_slices, load_hub_dataset, resolve_data_dir
+from common.data import tokenize as map_features
 from common.distill import load_teacher, make_loss, token_mask
 from common.errors import RecipeError, run_main
 from common.loop import default_loss, train
@@ -40,68 +41,69 @@ DEFAULTS = TaskDefaults(dataset="conll2003", learning_rate=1e-3, full_learning_r
                                          "lora": {"lr_scheduler_type": "constant_with_warmup", "num_warmup_steps": 26}})
 FILES = {"train": "train.txt", "validation": "valid.txt", "test": "test.txt"}
 
-Sentence = tuple[list[str], list[str]]  # (words, tags)
+def hub_splits(args: argparse.Namespace) -> dict[str, Any]:
+    """{split: `Dataset` with `tokens` and `ner_tags` (tag strings)} from --dataset_name; --text_column_name /
+    --label_column_name name other columns."""
+    hub = load_hub_dataset(args)
+    text_column, label_column = args.text_column_name or TOKENS, args.label_column_name or NER_TAGS
+    splits = {}
+    for split in FILES:
+        if split not in hub:
+            raise RecipeError(f"dataset {args.dataset_name!r} has no {split!r} split (it has {list(hub)})")
+        data = hub[split]
+        if not {text_column, label_column} <= set(data.column_names):
+            raise RecipeError(f"dataset {args.dataset_name!r} has no {text_column!r} and {label_column!r} columns "
+                              f"(it has {data.column_names}); pass --text_column_name / --label_column_name")
+        feature = getattr(data.features[label_column], "feature", None)
+        names = feature.names if hasattr(feature, "names") else None  # ClassLabel ids, as conll2003's; else strings
+
+        def rename(batch: dict, names: Optional[list[str]] = names) -> dict:
+            tags = batch[label_column] if names is None else [[names[t] for t in row] for row in batch[label_column]]
+            return {TOKENS: batch[text_column], NER_TAGS: tags}
+
+        splits[split] = data.map(rename, batched=True, remove_columns=data.column_names)
+    return splits
 
 
-def read_conll(path: Path) -> list[Sentence]:
-    """Sentences of a CoNLL file; a line without a tag column raises a `RecipeError` naming file and line."""
-    sentences: list[Sentence] = []
-    words: list[str] = []
-    tags: list[str] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            columns = line.split()
-            if not columns or columns[0] == "-DOCSTART-":
-                if words:
-                    sentences.append((words, tags))
-                    words, tags = [], []
-                continue
-            if len(columns) < 2:
-                raise RecipeError(f"{path}:{lineno}: expected a token and its tag separated by spaces (the tag in "
-                                  f"the last column), got {line.rstrip()!r}")
-            words.append(columns[0])
-            tags.append(columns[-1])
-    if words:
-        sentences.append((words, tags))
-    return sentences
-
-
-def load_splits(args: argparse.Namespace) -> tuple[dict[str, list[Sentence]], dict[str, str]]:
-    """{split: sentences} from --data_dir (or --dataset_name), and where each split came from."""
+def load_splits(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str]]:
+    """{split: `Dataset` with `tokens` and `ner_tags`} from --data_dir (or --dataset_name), and where each split
+    came from."""
     if args.dataset_name:
-        hub = load_hub_dataset(args)
-        splits, where = {}, {}
-        for split in FILES:
-            if split not in hub:
-                raise RecipeError(f"dataset {args.dataset_name!r} has no {split!r} split (it has {list(hub)})")
-            names = hub[split].features["ner_tags"].feature.names
-            splits[split] = [(row["tokens"], [names[t] for t in row["ner_tags"]]) for row in hub[split]]
-            where[split] = f"{args.dataset_name}[{split}]"
-        return splits, where
+        return hub_splits(args), {split: f"{args.dataset_name}[{split}]" for split in FILES}
+    if (args.text_column_name or TOKENS) != TOKENS or (args.label_column_name or NER_TAGS) != NER_TAGS:
+        raise RecipeError("--text_column_name / --label_column_name name columns of a --dataset_name dataset; CoNLL "
+                          "files have a token and its tag on each line: drop these flags")
     folder = resolve_data_dir(args.data_dir, DEFAULTS.dataset, list(FILES.values()))
     splits = {split: read_conll(folder / name) for split, name in FILES.items()}
     return splits, {split: str(folder / name) for split, name in FILES.items()}
 
 
-def tokenize(tokenizer, sentences: list[Sentence], label2id: dict[str, int], max_length: int) -> list[dict]:
-    """Sub-word features; only a word's first sub-word carries its label (-100 elsewhere), as in run_ner."""
-    encoded = tokenizer([words for words, _ in sentences], is_split_into_words=True, truncation=True,
-                        max_length=max_length)
-    features = []
-    for i, (_, tags) in enumerate(sentences):
+def tokenize_batch(batch: dict, indices: list[int], tokenizer: Any, label2id: dict[str, int], max_length: int) -> dict:
+    """Sub-word features of a `Dataset.map` batch; only a word's first sub-word carries its label (-100 elsewhere),
+    as in run_ner."""
+    encoded = tokenizer(batch[TOKENS], is_split_into_words=True, truncation=True, max_length=max_length)
+    all_labels = []
+    for i, tags in enumerate(batch[NER_TAGS]):
         labels, previous = [], None
         for word in encoded.word_ids(i):
             labels.append(-100 if word is None or word == previous else label2id[tags[word]])
             previous = word
-        features.append({"input_ids": encoded["input_ids"][i], "attention_mask": encoded["attention_mask"][i],
-                         "labels": labels, "index": i})
-    return features
+        all_labels.append(labels)
+    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], "labels": all_labels,
+            "index": indices}
 
 
-def entity_metrics(sentences: list[Sentence], predictions: dict[int, tuple], labels: list[str]) -> tuple[dict, str]:
+def tokenize(tokenizer: Any, sentences: Any, label2id: dict[str, int], max_length: int,
+             desc: str = "Tokenizing") -> list[dict]:
+    """One feature per sentence of a `Dataset` with `tokens` / `ner_tags`, in order (a batched `Dataset.map`)."""
+    return map_features(sentences, tokenize_batch, desc, tokenizer=tokenizer, label2id=label2id,
+                        max_length=max_length)
+
+
+def entity_metrics(sentences: Any, predictions: dict[int, tuple], labels: list[str]) -> tuple[dict, str]:
     """seqeval's entity-level P/R/F1 (micro over types), per-type scores, word accuracy, and the text report."""
     gold, pred = [], []
-    for i, (_, tags) in enumerate(sentences):
+    for i, tags in enumerate(column(sentences, NER_TAGS)):
         ids, label_ids = predictions[i]
         words = [labels[p] for p, y in zip(ids, label_ids) if y != -100]
         gold.append(tags)
@@ -116,9 +118,13 @@ def entity_metrics(sentences: list[Sentence], predictions: dict[int, tuple], lab
     return metrics, classification_report(gold, pred, digits=4)
 
 
+def add_task_args(group: argparse._ArgumentGroup) -> None:
+    add_column_args(group, "tokens (--dataset_name only)", "ner_tags (--dataset_name only)")
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """The recipe's flags with every default resolved (what `main` runs with and metrics.json records)."""
-    return parse_recipe_args(__doc__.splitlines()[0], DEFAULTS, argv=argv)
+    return parse_recipe_args(__doc__.splitlines()[0], DEFAULTS, add_task_args, argv=argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
@@ -127,14 +133,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
 
     # Data: the tag set is the whole training file's (before --max_train_samples, as run_ner).
     splits, where = load_splits(args)
-    labels, splits = label_set_and_slices(args, splits, where, lambda sentence: sentence[1])
+    labels, splits = label_set_and_slices(args, splits, where, NER_TAGS)
     accelerator = make_accelerator(args)
     tokenizer = load_tokenizer(args)
     if not tokenizer.is_fast:
         raise RecipeError(f"{args.model_name_or_path}: NER needs a fast tokenizer (word alignment); pass a model "
                           "folder with a tokenizer.json")
     label2id = {label: i for i, label in enumerate(labels)}
-    features = {split: tokenize(tokenizer, sentences, label2id, args.max_length) for split, sentences in splits.items()}
+    with accelerator.main_process_first():
+        features = {split: tokenize(tokenizer, sentences, label2id, args.max_length, f"Tokenizing {split}")
+                    for split, sentences in splits.items()}
     collator = DataCollatorForTokenClassification(tokenizer)
     schedule = plan_schedule(args, len(features["train"]), accelerator.num_processes)
 

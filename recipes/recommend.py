@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import csv
 import random
 import time
 from collections import Counter, defaultdict
@@ -35,7 +34,7 @@ from common.args import TaskDefaults
 from common.args import parse_args as parse_recipe_args
 from common.batching import IndexedCollator, eval_dataloader
 from common.calibration import CalibrationData
-from common.data import require_nonempty, resolve_data_dir, take
+from common.data import column, line_of_row, load_csv, require_nonempty, resolve_data_dir, take
 from common.distill import load_teacher, make_loss
 from common.errors import RecipeError, run_main
 from common.loop import train
@@ -84,36 +83,37 @@ class Movie:
 
 
 def _rows(path: Path, columns: Sequence[str]):
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in columns if c not in (reader.fieldnames or [])]
-        if missing:
-            raise RecipeError(f"{path}:1: the header {reader.fieldnames} lacks column(s) {missing}")
-        for row in reader:
-            if None in row or any(row.get(c) is None for c in columns):
-                raise RecipeError(f"{path}:{reader.line_num}: expected the fields {list(reader.fieldnames)}, got "
-                                  f"{list(row.values())}")
-            yield reader.line_num, row
+    """(row index, row) of a MovieLens CSV read through `datasets` (common.data.load_csv), every field a string as
+    written; a row with missing or extra fields raises a `RecipeError` naming file and line."""
+    def bad(row: dict) -> bool:
+        return None in row or any(row.get(c) is None for c in columns)
+
+    def describe(line: int, row: dict, header: list[str]) -> str:
+        return f"expected the fields {header}, got {list(row.values())}"
+
+    dataset = load_csv(path, columns, bad_row=bad, describe=describe)
+    yield from enumerate(dict(zip(columns, values)) for values in zip(*(column(dataset, c) for c in columns)))
 
 
 def read_ratings(path: Path) -> list[Rating]:
     ratings = []
-    for lineno, row in _rows(path, ("userId", "movieId", "rating", "timestamp")):
+    for index, row in _rows(path, ("userId", "movieId", "rating", "timestamp")):
         try:
             ratings.append(Rating(int(row["userId"]), int(row["movieId"]), float(row["rating"]), int(row["timestamp"])))
         except ValueError:
-            raise RecipeError(f"{path}:{lineno}: userId, movieId and timestamp must be integers and rating a number, "
-                              f"got {dict(row)}") from None
+            raise RecipeError(f"{path}:{line_of_row(path, index)}: userId, movieId and timestamp must be integers and "
+                              f"rating a number, got {row}") from None
     return ratings
 
 
 def read_movies(path: Path) -> dict[int, Movie]:
     movies = {}
-    for lineno, row in _rows(path, ("movieId", "title", "genres")):
+    for index, row in _rows(path, ("movieId", "title", "genres")):
         try:
             item = int(row["movieId"])
         except ValueError:
-            raise RecipeError(f"{path}:{lineno}: movieId must be an integer, got {row['movieId']!r}") from None
+            raise RecipeError(f"{path}:{line_of_row(path, index)}: movieId must be an integer, got "
+                              f"{row['movieId']!r}") from None
         genres = [] if row["genres"] in ("", "(no genres listed)") else row["genres"].split("|")
         movies[item] = Movie(row["title"].strip(), genres)
     return movies

@@ -4,7 +4,7 @@
     accelerate launch recipes/sentiment.py --method full  # full fine-tuning under the same loop
 
 Reads `train.tsv`, `dev.tsv` (validation, evaluated after each epoch) and the labelled `test.tsv`: tab-separated with
-a header `sentence<TAB>label`. The classes are the training file's labels. Reports accuracy, the binary F1 of the
+a header `sentence<TAB>label` (other column names: --text_column_name / --label_column_name). The classes are the training file's labels. Reports accuracy, the binary F1 of the
 second label in sorted order (SST-2: "1" = positive) and macro-F1.
 """
 
@@ -20,7 +20,14 @@ from common.args import TaskDefaults
 from common.args import parse_args as parse_recipe_args
 from common.batching import eval_loaders, without_index
 from common.calibration import CalibrationData
-from common.data import Example, hub_text_classification_splits, label_set_and_slices, read_table, resolve_data_dir
+from common.data import (
+    LABEL,
+    add_column_args,
+    hub_text_classification_splits,
+    label_set_and_slices,
+    read_table,
+    resolve_data_dir,
+)
 from common.distill import load_teacher, make_loss
 from common.errors import run_main
 from common.loop import default_loss, train
@@ -36,19 +43,24 @@ DEFAULTS = TaskDefaults(dataset="sst2", learning_rate=1e-3, full_learning_rate=5
 FILES = {"train": "train.tsv", "validation": "dev.tsv", "test": "test.tsv"}
 
 
-def load_splits(args: argparse.Namespace) -> tuple[dict[str, list[Example]], dict[str, str]]:
-    """{split: (sentence, label) rows} from --data_dir (or --dataset_name), and where each split came from."""
+def add_task_args(group: argparse._ArgumentGroup) -> None:
+    add_column_args(group, "sentence (Hub datasets: text or sentence)", "label")
+
+
+def load_splits(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:
+    """{split: `Dataset` of `text` / `label`} from --data_dir (or --dataset_name), and where each split came from."""
     if args.dataset_name:
         names = {"train": "train", "validation": "validation", "test": "test"}
         return hub_text_classification_splits(args, names), {s: f"{args.dataset_name}[{s}]" for s in names}
     folder = resolve_data_dir(args.data_dir, DEFAULTS.dataset, list(FILES.values()))
-    splits = {split: read_table(folder / name, "sentence", "label", delimiter="\t") for split, name in FILES.items()}
+    text, label = args.text_column_name or "sentence", args.label_column_name or "label"
+    splits = {split: read_table(folder / name, text, label, delimiter="\t") for split, name in FILES.items()}
     return splits, {split: str(folder / name) for split, name in FILES.items()}
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """The recipe's flags with every default resolved (what `main` runs with and metrics.json records)."""
-    return parse_recipe_args(__doc__.splitlines()[0], DEFAULTS, argv=argv)
+    return parse_recipe_args(__doc__.splitlines()[0], DEFAULTS, add_task_args, argv=argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
@@ -57,10 +69,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
 
     # Data: the classes are the whole training file's, also under --max_train_samples.
     splits, where = load_splits(args)
-    labels, splits = label_set_and_slices(args, splits, where, lambda row: [row[1]])
+    labels, splits = label_set_and_slices(args, splits, where, LABEL)
     accelerator = make_accelerator(args)
     tokenizer = load_tokenizer(args)
-    features = {split: tokenize(tokenizer, rows, labels, args.max_length) for split, rows in splits.items()}
+    with accelerator.main_process_first():  # the first process fills the cache, the others read it
+        features = {split: tokenize(tokenizer, rows, labels, args.max_length, f"Tokenizing {split}")
+                    for split, rows in splits.items()}
     collator = DataCollatorWithPadding(tokenizer)
     schedule = plan_schedule(args, len(features["train"]), accelerator.num_processes)
 

@@ -1,6 +1,7 @@
 """Shared plumbing of the recipes, one concern a module; imports run one way, from the leaves up:
 
-    errors, schedule, batching, calibration, data  (leaves)
+    errors, schedule, batching, calibration, data, conll  (leaves: data is the 🤗 Datasets layer, conll its
+                  CoNLL reader)
     methods       model, tokenizer and the PEFT method of --method       (errors, calibration)
     distill       a frozen teacher's soft targets                        (errors, methods)
     args          the shared flags and their checks                      (data, methods, distill, schedule, ...)

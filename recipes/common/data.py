@@ -1,7 +1,15 @@
-"""Where a recipe's data comes from and how it is read: the data folder, local CSV/TSV files, Hub datasets, and the
-checks on the splits (sample limits, empty splits, labels never seen in training).
+"""Where a recipe's data comes from and how it is read, on 🤗 Datasets as in Transformers' `run_*_no_trainer.py`
+examples: the data folder, local CSV/TSV files through `datasets.load_dataset("csv", data_files=...)`, Hub datasets,
+tokenization with a batched `Dataset.map`, and the checks on the splits (sample limits, empty splits, labels never
+seen in training). CoNLL files are read by `conll.py`.
 
-Every recipe reads its data through this module, so that changing how data is loaded is a change in one place.
+Caching: a `load_dataset` result and every `map` over it are cached under `HF_DATASETS_CACHE` (never next to the data
+files: the shared data folder is read-only), keyed by fingerprints that change with the data file (its modification
+time), the reading options, the tokenizer and the mapping's arguments (`max_length`, the label ids), so a cache never
+returns features of an earlier file or setting. Local files need no network (`HF_DATASETS_OFFLINE=1` works).
+
+Errors keep the `path:line: ...` form of the hand-written readers this replaced: when pandas (under `datasets`)
+rejects a file, or a row lacks a field, the file is scanned with Python's `csv` module (only then) to name the line.
 """
 
 from __future__ import annotations
@@ -10,7 +18,7 @@ import argparse
 import csv
 import io
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -47,7 +55,7 @@ def resolve_data_dir(data_dir: Optional[str], dataset: str, required: Sequence[s
 
 def load_hub_dataset(args: argparse.Namespace) -> Any:
     """`datasets.load_dataset(--dataset_name)`, or a `RecipeError` that says why it is unavailable."""
-    import datasets  # only with --dataset_name: a slow import most runs do not need
+    import datasets
 
     try:
         return datasets.load_dataset(args.dataset_name, args.dataset_config_name)
@@ -55,10 +63,6 @@ def load_hub_dataset(args: argparse.Namespace) -> Any:
         raise RecipeError(f"could not load dataset {args.dataset_name!r} from the Hub ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else ''}); use --data_dir <local folder> "
                           "instead") from None
-
-
-def take(items: list, limit: Optional[int]) -> list:
-    return items if limit is None else items[:limit]
 
 
 def require_nonempty(split: Sequence, name: str, where: str) -> None:
@@ -75,31 +79,69 @@ def check_labels_known(labels: Sequence[str], known: set[str], split: str, where
 
 
 
-def label_set_and_slices(args: argparse.Namespace, splits: dict[str, list], where: dict[str, str],
-                         labels_of: Callable[[Any], Iterable[str]]) -> tuple[list[str], dict[str, list]]:
+# ------------------------------------------------------------------------------------------- splits and columns
+TEXT = "text"  # the column names of a text-classification split, whatever the file calls them
+LABEL = "label"
+
+
+def add_column_args(group: argparse._ArgumentGroup, text: str, label: str) -> None:
+    """`--text_column_name` / `--label_column_name` as in run_ner_no_trainer.py; `text`, `label` describe the
+    default (None: the task's own columns)."""
+    group.add_argument("--text_column_name", default=None, help=f"Column of the inputs. Default: {text}.")
+    group.add_argument("--label_column_name", default=None, help=f"Column of the labels. Default: {label}.")
+
+
+def take(items: Any, limit: Optional[int]) -> Any:
+    """The first `limit` examples of a `Dataset` or list (all with None), as --max_train_samples / --max_eval_samples."""
+    if limit is None:
+        return items
+    return items.select(range(min(limit, len(items)))) if hasattr(items, "select") else items[:limit]
+
+
+def column(dataset: Any, name: str) -> list:
+    """A column as a list. (`dataset[name]` is a lazy `Column` on datasets >= 4, slow to iterate row by row.)"""
+    return dataset[name][:]
+
+
+def label_set_and_slices(args: argparse.Namespace, splits: dict[str, Any], where: dict[str, str],
+                         label_column: str) -> tuple[list[str], dict[str, Any]]:
     """The sorted label set of the whole training split, and {train, validation, test} cut to --max_train_samples
     / --max_eval_samples; an empty split, or an evaluation label never seen in training, is a `RecipeError`.
 
     As run_glue and run_ner do, the label set comes before --max_train_samples, so that a quick run on the first N
     rows of a file sorted by class (Banking77's train.csv is) keeps every class and the head of a full run.
-    `labels_of(example)` gives an example's labels (a sentence's tags, a text's one label).
+    `label_column` holds an example's label (a text's) or its list of labels (a sentence's tags).
     """
-    labels = sorted({label for example in splits["train"] for label in labels_of(example)})
+    def labels_of(split: Any) -> list[str]:
+        values = column(split, label_column)
+        return [tag for tags in values for tag in tags] if values and isinstance(values[0], list) else values
+
+    labels = sorted(set(labels_of(splits["train"])))
     splits = {"train": take(splits["train"], args.max_train_samples),
               **{s: take(splits[s], args.max_eval_samples) for s in ("validation", "test")}}
     for split, examples in splits.items():
         require_nonempty(examples, split, where[split])
     for split in ("validation", "test"):
-        check_labels_known([label for e in splits[split] for label in labels_of(e)], set(labels), split, where[split])
+        check_labels_known(labels_of(splits[split]), set(labels), split, where[split])
     return labels, splits
 
 
-Example = tuple[str, str]  # (text, label)
+def tokenize(dataset: Any, function: Callable[..., dict], desc: str, **fn_kwargs: Any) -> list[dict]:
+    """`dataset.map(function, batched=True, with_indices=True)` into new columns only, as rows: `function(batch,
+    indices, **fn_kwargs)` returns the columns. Cached when `dataset` is (the fingerprint covers `function` and
+    `fn_kwargs`: the tokenizer, max_length, label ids).
+
+    The rows come back as plain dicts (`Dataset.to_list`): the train loop, length-grouped sampler and eval loaders
+    index single rows, which costs ~0.1 ms each on a `Dataset` and nothing on a list.
+    """
+    return dataset.map(function, batched=True, with_indices=True, remove_columns=dataset.column_names,
+                       fn_kwargs=fn_kwargs, desc=desc).to_list()
 
 
-def read_text(path: Path) -> str:
-    """A data file's text: UTF-8, with a leading byte-order mark dropped (Excel writes one before the header);
-    other bytes are a `RecipeError` naming the file and line."""
+# ---------------------------------------------------------------------------------------------- reading errors
+def _decoded(path: Path) -> str:
+    """The file's text as the readers see it: UTF-8, a leading byte-order mark dropped (Excel writes one); other
+    bytes are a `RecipeError` naming file and line."""
     data = Path(path).read_bytes()
     try:
         return data.decode("utf-8-sig")
@@ -109,44 +151,143 @@ def read_text(path: Path) -> str:
                           "file as UTF-8") from None
 
 
-def read_table(path: Path, text_column: str, label_column: str, delimiter: str = ",") -> list[Example]:
-    """(text, label) rows of a CSV/TSV file with a header; bad rows raise a `RecipeError` naming file and line.
+def _quoting(delimiter: str) -> int:
+    # SST-2's sentences contain quote characters that are part of the text; CSV files (Banking77, MovieLens) quote
+    # texts that hold commas or span lines.
+    return csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
 
-    CSV goes through a real CSV parser (Banking77 has quoted texts spanning lines); TSV is read unquoted (SST-2's
-    sentences contain quote characters that are part of the text).
-    """
-    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    rows: list[Example] = []
-    with io.StringIO(read_text(path), newline="") as f:
-        reader = csv.DictReader(f, delimiter=delimiter, quoting=quoting)
-        header = reader.fieldnames or []
-        missing = [c for c in (text_column, label_column) if c not in header]
-        if missing:
-            raise RecipeError(f"{path}:1: the header {header} lacks column(s) {missing}; the file needs a header line "
-                              f"with {text_column!r} and {label_column!r}")
+
+def scan_rows(path: Path, delimiter: str = ",") -> Iterator[tuple[int, dict]]:
+    """(line number, row) of each data row as Python's `csv.DictReader` parses it, the rows pandas reads: the line
+    numbers for errors. A row with too many fields has a `None` key (the extra values), one with too few has `None`
+    values."""
+    with io.StringIO(_decoded(path), newline="") as f:
+        reader = csv.DictReader(f, delimiter=delimiter, quoting=_quoting(delimiter))
         for row in reader:
-            text, label = row.get(text_column), row.get(label_column)
-            if None in row or text is None or label is None or label.strip() == "":
-                raise RecipeError(f"{path}:{reader.line_num}: expected {len(header)} fields ({', '.join(header)}) "
-                                  f"separated by {delimiter!r}, got {row.get(None) or 'fewer'}")
-            rows.append((text.strip(), label.strip()))
-    return rows
+            first, *rest = row.values()
+            if None not in row and not first.strip() and all(v is None for v in rest):
+                continue  # a line of spaces only: pandas skips it like a blank line
+            yield reader.line_num, row
+
+
+def line_of_row(path: Path, index: int, delimiter: str = ",") -> int:
+    """The line (1-based) on which data row `index` (0-based, as in the `Dataset`) ends."""
+    for i, (line, _) in enumerate(scan_rows(path, delimiter)):
+        if i == index:
+            return line
+    raise ValueError(f"{path} has no data row {index}")
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    # `datasets` wraps a builder's error in DatasetGenerationError; the parser's own error is at the end of the chain.
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__
+    return exc
+
+
+# ------------------------------------------------------------------------------------------------ CSV and TSV
+def load_csv(path: Path, columns: Sequence[str], delimiter: str = ",",
+             bad_row: Optional[Callable[[dict], bool]] = None,
+             describe: Optional[Callable[[int, dict, list[str]], str]] = None,
+             missing_hint: str = "") -> Any:
+    """A `Dataset` of a CSV/TSV file with a header, every column a string exactly as written in the file.
+
+    `columns` must be in the header (else `path:1: ...`). `bad_row(row)` says which rows the caller rejects, in
+    `csv.DictReader` terms (see `scan_rows`), and `describe(line, row, header)` the error text after `path:line: `;
+    they are checked only when the parser fails or a field of `columns` is blank (pandas reads a missing field as
+    empty), so a good file is parsed by `datasets` alone. Rows of whitespace only are skipped like blank lines.
+    """
+    import datasets
+    import pyarrow.compute as pc
+
+    path = Path(path)
+    text = _decoded(path)
+    header = next(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=_quoting(delimiter)), [])
+    missing = [c for c in columns if c not in header]
+    if missing:
+        raise RecipeError(f"{path}:1: the header {header} lacks column(s) {missing}{missing_hint}")
+    if len(set(header)) != len(header):
+        raise RecipeError(f"{path}:1: the header {header} repeats a column name; give each column its own name")
+
+    def structural_error() -> Optional[RecipeError]:
+        found = None if bad_row is None else next(((n, row) for n, row in scan_rows(path, delimiter) if bad_row(row)),
+                                                  None)
+        return None if found is None else RecipeError(f"{path}:{found[0]}: {describe(*found, header)}")
+
+    features = datasets.Features({name: datasets.Value("string") for name in header})
+    if not text.partition("\n")[2].strip():
+        # A header and no rows: `load_dataset` refuses a file without data; the recipes report an empty split.
+        return datasets.Dataset.from_dict({name: [] for name in header}, features=features)
+    try:
+        dataset = datasets.load_dataset(
+            "csv", data_files={"data": str(path)}, split="data", delimiter=delimiter, quoting=_quoting(delimiter),
+            encoding="utf-8-sig", keep_default_na=False, index_col=False, features=features)
+    except Exception as exc:  # noqa: BLE001 - any parser failure becomes the file:line error of the row at fault
+        cause = _root_cause(exc)
+        if isinstance(cause, UnicodeDecodeError):
+            _decoded(path)  # raises the file:line error
+        error = structural_error()
+        if error is not None:
+            raise error from None
+        raise RecipeError(f"{path}: could not be parsed as {'TSV' if delimiter == chr(9) else 'CSV'} "
+                          f"({type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause) else ''}); "
+                          "check its quoting and field separators") from None
+    blank = [pc.any(pc.equal(pc.utf8_trim_whitespace(pc.fill_null(dataset.data.column(c), "")), "")).as_py()
+             for c in columns]
+    if any(blank):
+        error = structural_error()
+        if error is not None:
+            raise error
+    return dataset
+
+
+def read_table(path: Path, text_column: str, label_column: str, delimiter: str = ",") -> Any:
+    """A `Dataset` of stripped `text` and `label` strings from a CSV/TSV file with a header; a row without a label
+    raises a `RecipeError` naming file and line."""
+    def bad(row: dict) -> bool:
+        text, label = row.get(text_column), row.get(label_column)
+        return None in row or text is None or label is None or label.strip() == ""
+
+    def describe(line: int, row: dict, header: list[str]) -> str:
+        return (f"expected {len(header)} fields ({', '.join(header)}) separated by {delimiter!r}, got "
+                f"{row.get(None) or 'fewer'}")
+
+    dataset = load_csv(path, (text_column, label_column), delimiter, bad, describe,
+                       missing_hint=f"; the file needs a header line with {text_column!r} and {label_column!r} (or "
+                                    "pass --text_column_name / --label_column_name)")
+
+    def strip(batch: dict) -> dict:
+        return {TEXT: [t.strip() for t in batch[text_column]], LABEL: [y.strip() for y in batch[label_column]]}
+
+    if len(dataset) == 0:  # `map` never calls `strip`, so it would leave no columns at all
+        return dataset.select_columns([text_column, label_column]).rename_columns(
+            {text_column: TEXT, label_column: LABEL})
+    return dataset.map(strip, batched=True, remove_columns=dataset.column_names, desc=f"Reading {path.name}")
 
 
 def hub_text_classification_splits(args: argparse.Namespace, split_names: dict[str, str],
-                                   text_columns: Sequence[str] = ("text", "sentence")) -> dict[str, list[Example]]:
-    """{our split: (text, label name)} from a Hub dataset; `split_names` maps our split names to the dataset's."""
+                                   text_columns: Sequence[str] = ("text", "sentence")) -> dict[str, Any]:
+    """{our split: `Dataset` of `text` and `label` (the label's name)} from --dataset_name; `split_names` maps our
+    split names to the dataset's. The text column is --text_column_name, else the first of `text_columns` it has; the
+    label column is --label_column_name, else "label"."""
     hub = load_hub_dataset(args)
-    splits: dict[str, list[Example]] = {}
+    text_columns = [args.text_column_name] if getattr(args, "text_column_name", None) else list(text_columns)
+    label_column = getattr(args, "label_column_name", None) or "label"
+    splits: dict[str, Any] = {}
     for ours, theirs in split_names.items():
         if theirs not in hub:
             raise RecipeError(f"dataset {args.dataset_name!r} has no {theirs!r} split (it has {list(hub)})")
         data = hub[theirs]
         text_column = next((c for c in text_columns if c in data.column_names), None)
-        if text_column is None or "label" not in data.column_names:
+        if text_column is None or label_column not in data.column_names:
             raise RecipeError(f"dataset {args.dataset_name!r} needs a text column ({' or '.join(text_columns)}) and "
-                              f"a 'label' column; it has {data.column_names}")
-        feature = data.features["label"]
+                              f"a {label_column!r} column; it has {data.column_names}: pass --text_column_name / "
+                              "--label_column_name")
+        feature = data.features[label_column]
         name = feature.int2str if hasattr(feature, "int2str") else str
-        splits[ours] = [(row[text_column], name(row["label"])) for row in data]
+
+        def rename(batch: dict, text_column: str = text_column, name: Callable = name) -> dict:
+            return {TEXT: batch[text_column], LABEL: [name(y) for y in batch[label_column]]}
+
+        splits[ours] = data.map(rename, batched=True, remove_columns=data.column_names)
     return splits

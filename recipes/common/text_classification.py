@@ -11,15 +11,25 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .batching import predict
-from .data import Example
+from .data import LABEL, TEXT
+from .data import tokenize as map_features
 
 
-def tokenize(tokenizer: Any, rows: list[Example], labels: list[str], max_length: int) -> list[dict]:
-    """One feature per (text, label) row: token ids truncated to `max_length`, the label's id, the row's `index`."""
+def classification_features(batch: dict, indices: list[int], tokenizer: Any, label2id: dict[str, int],
+                            max_length: int) -> dict:
+    """A `Dataset.map` batch's features: token ids and attention mask truncated to `max_length`, the label's id and
+    the row's `index`."""
+    encoded = tokenizer(batch[TEXT], truncation=True, max_length=max_length)
+    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"],
+            "labels": [label2id[label] for label in batch[LABEL]], "index": indices}
+
+
+def tokenize(tokenizer: Any, rows: Any, labels: list[str], max_length: int, desc: str = "Tokenizing") -> list[dict]:
+    """One feature per row of a `Dataset` of `text` / `label` (common.data.read_table), in order, through a batched,
+    cached `Dataset.map` (`classification_features`)."""
     label2id = {label: i for i, label in enumerate(labels)}
-    encoded = tokenizer([text for text, _ in rows], truncation=True, max_length=max_length)
-    return [{"input_ids": encoded["input_ids"][i], "attention_mask": encoded["attention_mask"][i],
-             "labels": label2id[label], "index": i} for i, (_, label) in enumerate(rows)]
+    return map_features(rows, classification_features, desc, tokenizer=tokenizer, label2id=label2id,
+                        max_length=max_length)
 
 
 def classification_metrics(gold: Sequence[int], pred: Sequence[int], labels: list[str]) -> tuple[dict, str]:
