@@ -9,6 +9,7 @@ import argparse
 import csv
 import importlib
 import io
+import os
 import sys
 from pathlib import Path
 
@@ -334,6 +335,18 @@ def test_reading_and_tokenizing_never_write_next_to_the_data(tmp_path):
     assert sorted(p.name for p in folder.rglob("*")) == before == ["train.tsv"]
     cache = Path(datasets.config.HF_DATASETS_CACHE).resolve()
     assert dataset.cache_files and all(Path(f["filename"]).resolve().is_relative_to(cache) for f in dataset.cache_files)
+
+
+def test_cache_follows_the_content_of_a_file_replaced_with_the_same_modification_time(tmp_path):
+    # datasets keys a local file by its mtime only; `cp -p`, `rsync -a` or `touch -r` keep it across a new content.
+    path = tmp_path / "train.tsv"
+    path.write_text("sentence\tlabel\ngood movie\t1\n")
+    stamp = path.stat()
+    assert rows(data.read_table(path, "sentence", "label", delimiter="\t")) == [("good movie", "1")]
+    path.write_text("sentence\tlabel\nbad plot!!\t0\n")
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert path.stat().st_mtime_ns == stamp.st_mtime_ns
+    assert rows(data.read_table(path, "sentence", "label", delimiter="\t")) == [("bad plot!!", "0")]
 
 
 def test_take_and_column_on_datasets():

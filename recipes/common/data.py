@@ -5,7 +5,7 @@ seen in training). CoNLL files are read by `conll.py`.
 
 Caching: a `load_dataset` result and every `map` over it are cached under `HF_DATASETS_CACHE` (never next to the data
 files: the shared data folder is read-only), keyed by fingerprints that change with the data file (its modification
-time), the reading options, the tokenizer and the mapping's arguments (`max_length`, the label ids), so a cache never
+time and a hash of its content), the reading options, the tokenizer and the mapping's arguments (`max_length`, the label ids), so a cache never
 returns features of an earlier file or setting. Local files need no network (`HF_DATASETS_OFFLINE=1` works).
 
 Errors keep the `path:line: ...` form of the hand-written readers this replaced: when pandas (under `datasets`)
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -139,10 +140,10 @@ def tokenize(dataset: Any, function: Callable[..., dict], desc: str, **fn_kwargs
 
 
 # ---------------------------------------------------------------------------------------------- reading errors
-def _decoded(path: Path) -> str:
-    """The file's text as the readers see it: UTF-8, a leading byte-order mark dropped (Excel writes one); other
-    bytes are a `RecipeError` naming file and line."""
-    data = Path(path).read_bytes()
+def _decoded(path: Path, data: Optional[bytes] = None) -> str:
+    """The file's text (`data`, else read from `path`) as the readers see it: UTF-8, a leading byte-order mark
+    dropped (Excel writes one); other bytes are a `RecipeError` naming file and line."""
+    data = Path(path).read_bytes() if data is None else data
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -201,7 +202,8 @@ def load_csv(path: Path, columns: Sequence[str], delimiter: str = ",",
     import pyarrow.compute as pc
 
     path = Path(path)
-    text = _decoded(path)
+    raw = path.read_bytes()
+    text = _decoded(path, raw)
     header = next(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=_quoting(delimiter)), [])
     missing = [c for c in columns if c not in header]
     if missing:
@@ -219,9 +221,12 @@ def load_csv(path: Path, columns: Sequence[str], delimiter: str = ",",
         # A header and no rows: `load_dataset` refuses a file without data; the recipes report an empty split.
         return datasets.Dataset.from_dict({name: [] for name in header}, features=features)
     try:
+        # `datasets` keys a local file's cache by its modification time only, so a file replaced by one with the same
+        # time (`cp -p`, `rsync -a`, `touch -r`) would be served from the old cache: the config name adds the content.
         dataset = datasets.load_dataset(
-            "csv", data_files={"data": str(path)}, split="data", delimiter=delimiter, quoting=_quoting(delimiter),
-            encoding="utf-8-sig", keep_default_na=False, index_col=False, features=features)
+            "csv", name=f"sha256-{hashlib.sha256(raw).hexdigest()[:16]}", data_files={"data": str(path)},
+            split="data", delimiter=delimiter, quoting=_quoting(delimiter), encoding="utf-8-sig",
+            keep_default_na=False, index_col=False, features=features)
     except Exception as exc:  # noqa: BLE001 - any parser failure becomes the file:line error of the row at fault
         cause = _root_cause(exc)
         if isinstance(cause, UnicodeDecodeError):
