@@ -331,10 +331,14 @@ def test_reading_and_tokenizing_never_write_next_to_the_data(tmp_path):
     path.write_text("sentence\tlabel\ngood movie\t1\nbad plot\t0\n")
     before = sorted(p.name for p in folder.rglob("*"))
     dataset = data.read_table(path, "sentence", "label", delimiter="\t")
-    text_classification.tokenize(tok, dataset, ["0", "1"], 8)
+    features = text_classification.tokenize(tok, dataset, ["0", "1"], 8)
     assert sorted(p.name for p in folder.rglob("*")) == before == ["train.tsv"]
     cache = Path(datasets.config.HF_DATASETS_CACHE).resolve()
     assert dataset.cache_files and all(Path(f["filename"]).resolve().is_relative_to(cache) for f in dataset.cache_files)
+    # The tokenization is cached there too: the same call again is read back, not computed into a new file.
+    arrow_files = set(Path(dataset.cache_files[0]["filename"]).parent.glob("*.arrow"))
+    assert text_classification.tokenize(tok, dataset, ["0", "1"], 8) == features
+    assert set(Path(dataset.cache_files[0]["filename"]).parent.glob("*.arrow")) == arrow_files
 
 
 def test_cache_follows_the_content_of_a_file_replaced_with_the_same_modification_time(tmp_path):
