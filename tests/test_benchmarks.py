@@ -409,7 +409,7 @@ def test_min_steps_picks_the_fewest_steps_near_the_best_on_validation_and_resume
     assert table_rows(text, "lra")[0] == ["lra", "50.00", "70.00", "79.50", "80.00"]
     # 400 steps are within 1 point of the best (800), 200 are not; the test split is neither shown nor used.
     assert table_rows(text, "lra")[1] == ["lra", "80.00", "400", "5", "79.50"]
-    assert table_rows(text, "lora")[1][2] == "400" and "99" not in text
+    assert table_rows(text, "lora")[1][2] == "400" and "99.00" not in text  # test_f1 0.99 (the text holds tmp paths)
     assert min_steps.shortest_near_best({100: 50.0, 200: 79.2, 400: 80.0}, 1.0) == 200
     # Resumable: with the run folders gone and a recipe that fails, every run comes from the archive.
     (recipes / "ner.py").write_text("raise SystemExit(1)\n")
