@@ -1,6 +1,7 @@
 """Shared plumbing of the recipes, one concern a module; imports run one way, from the leaves up:
 
-    errors, schedule, batching, calibration, data  (leaves)
+    errors, schedule, batching, lora_inits, data  (leaves)
+    calibration   calibration batches for the data-aware inits           (lora_inits)
     methods       model, tokenizer and the PEFT method of --method       (errors, calibration)
     distill       a frozen teacher's soft targets                        (errors, methods)
     args          the shared flags and their checks                      (data, methods, distill, schedule, ...)
