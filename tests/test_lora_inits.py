@@ -8,7 +8,6 @@ original base, in-process and through a recipe run.
 from __future__ import annotations
 
 import copy
-import csv
 import importlib
 import json
 
@@ -89,14 +88,7 @@ def test_intent_recipe_with_a_peft_lora_init_saves_an_adapter_for_the_original_b
     assert config["r"] == 8 and config["init_lora_weights"] is True
 
     # The reader's route: the original base (the tiny model folder) plus the saved adapter reproduces the test score.
-    card = recipe_tests.run_card_code(out, tiny_model)
-    model, tokenizer, labels = card["model"].eval(), card["tokenizer"], card["labels"]
-    with open(tmp_path / "banking" / "test.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    batch = tokenizer([r["text"] for r in rows], padding=True, return_tensors="pt")
-    with torch.no_grad():
-        predicted = model(**batch).logits.argmax(-1).tolist()
-    accuracy = sum(labels[p] == r["category"] for p, r in zip(predicted, rows)) / len(rows)
+    accuracy = recipe_tests.reloaded_intent_accuracy(out, tiny_model, tmp_path / "banking")
     assert accuracy == pytest.approx(metrics["test_accuracy"])
 
 
