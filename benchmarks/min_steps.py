@@ -28,10 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import REPO_ROOT, RESULTS_DIR, LoadRecorder, machine_lines, markdown_table, write_result  # noqa: E402
 from quality import PRIMARY, archived_run, run_one  # noqa: E402
 
-# The variants compared; lra-uv1 is LRA principal without the U/V learning-rate rule (issue #23, early steps).
+# The variants compared: each method at the recipe's defaults; the -uv1 ones without the U/V learning-rate rule
+# (issue #23, early steps); the -principal ones for recipes whose LRA default is another init (intent, sentiment:
+# minor, whose λ₀ is below the rule's gain, so the rule changes nothing there).
 VARIANTS = {
     "lra": ("--method", "lra"),
     "lra-uv1": ("--method", "lra", "--uv_lr_scale", "1"),
+    "lra-principal": ("--method", "lra", "--init_weights", "principal"),
+    "lra-principal-uv1": ("--method", "lra", "--init_weights", "principal", "--uv_lr_scale", "1"),
     "lora": ("--method", "lora"),
 }
 ARCHIVE = RESULTS_DIR / "min_steps"

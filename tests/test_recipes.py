@@ -221,6 +221,18 @@ def run_card_code(out: Path, base: Path) -> dict:
     return scope
 
 
+def reloaded_intent_accuracy(out: Path, base: Path, data: Path) -> float:
+    """Test accuracy of the intent adapter in `out` loaded by its card's own code onto `base`, as a reader would."""
+    card = run_card_code(out, base)
+    model, tokenizer, labels = card["model"].eval(), card["tokenizer"], card["labels"]
+    with open(data / "test.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    batch = tokenizer([r["text"] for r in rows], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        predicted = model(**batch).logits.argmax(-1).tolist()
+    return sum(labels[p] == r["category"] for p, r in zip(predicted, rows)) / len(rows)
+
+
 def assert_public_files(out: Path, *local: Path) -> None:
     """The card and configs of a run name no local path (a Hub reader has none of them)."""
     roots = {str(p) for p in local} | {str(REPO), sys.prefix, str(Path.home()), "site-packages"}
@@ -289,15 +301,7 @@ def test_intent_end_to_end_and_reloaded_adapter_reproduces_test_accuracy(tiny_mo
     # The recipe's default init is minor: the reload below must subtract the right ΔW₀ from the base.
     assert json.loads((out / "adapter_config.json").read_text())["init_weights"] == "minor"
 
-    card = run_card_code(out, tiny_model)  # the card's own loading code
-    model, tokenizer, labels = card["model"].eval(), card["tokenizer"], card["labels"]
-    with open(tmp_path / "banking" / "test.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    batch = tokenizer([r["text"] for r in rows], padding=True, return_tensors="pt")
-    with torch.no_grad():
-        predicted = model(**batch).logits.argmax(-1).tolist()
-    accuracy = sum(labels[p] == r["category"] for p, r in zip(predicted, rows)) / len(rows)
-    assert accuracy == pytest.approx(metrics["test_accuracy"])
+    assert reloaded_intent_accuracy(out, tiny_model, tmp_path / "banking") == pytest.approx(metrics["test_accuracy"])
 
 
 @pytest.mark.parametrize("method, hub_base", [("lra", None), ("lora", "org/tiny-bert"), ("full", "org/tiny-bert")])

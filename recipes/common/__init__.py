@@ -1,7 +1,8 @@
 """Shared plumbing of the recipes, one concern a module; imports run one way, from the leaves up:
 
-    errors, schedule, batching, calibration, data, conll  (leaves: data is the 🤗 Datasets layer, conll its
-                  CoNLL reader)
+    errors, schedule, batching, lora_inits, data, conll  (leaves: data is the 🤗 Datasets layer, conll its CoNLL
+                  reader)
+    calibration   calibration batches for the data-aware inits           (lora_inits)
     methods       model, tokenizer and the PEFT method of --method       (errors, calibration)
     distill       a frozen teacher's soft targets                        (errors, methods)
     args          the shared flags and their checks                      (data, methods, distill, schedule, ...)

@@ -17,6 +17,7 @@ from . import distill
 from .calibration import DEFAULT_CALIBRATION_SAMPLES
 from .data import DATA_ENV_VAR, DEFAULT_DATA_ROOT
 from .errors import RecipeError
+from .lora_inits import LORA_INITS
 from .methods import METHODS, hub_id_error
 from .schedule import min_train_steps_for
 
@@ -125,9 +126,14 @@ def build_parser(description: str, defaults: TaskDefaults) -> argparse.ArgumentP
                             "(MiLoRA: the r smallest triplets), corda / gradient (task-aware: SVD of W·XᵀX or of the "
                             "task gradient, from --calibration_samples training examples; docs/initialisation.md), "
                             f"true (ΔW=0) or false. Default here: {defaults.init_weights}.")
+    model.add_argument("--init_lora_weights", choices=LORA_INITS, default="true",
+                       help="LoRA initialisation (PEFT's init_lora_weights): true (B = 0), pissa, corda or lora_ga "
+                            "(CorDA and LoRA-GA read --calibration_samples training examples). The saved adapter is "
+                            "converted to a plain LoRA for the original base (docs/recipes.md).")
     model.add_argument("--calibration_samples", type=int, default=DEFAULT_CALIBRATION_SAMPLES,
-                       help="LRA with --init_weights corda|gradient: training examples (drawn with --seed) whose "
-                            "inputs / task gradient orient the initial adapter.")
+                       help="LRA with --init_weights corda|gradient, LoRA with --init_lora_weights corda|lora_ga: "
+                            "training examples (drawn with --seed) whose inputs / task gradient orient the initial "
+                            "adapter.")
     model.add_argument("--uv_lr_scale", type=_parse_uv_lr_scale, default="auto",
                        help="LRA: learning-rate factor of U and V; auto scales it per layer so that a principal "
                             "adapter's first steps move W as much as LoRA's (lra_peft.lra_param_groups); 1 = no scaling.")
@@ -246,6 +252,13 @@ def finalize_args(args: argparse.Namespace, defaults: TaskDefaults, argv: Option
         raise RecipeError("--load_in_8bit and --load_in_4bit exclude each other: pick one")
     if args.method == "full" and (args.load_in_8bit or args.load_in_4bit):
         raise RecipeError("--method full cannot train a quantized base: drop --load_in_8bit/--load_in_4bit")
+    if args.init_lora_weights != "true":
+        if args.method != "lora":
+            raise RecipeError(f"--init_lora_weights {args.init_lora_weights} is for --method lora; LRA's own inits are "
+                              "--init_weights principal|minor|corda|gradient")
+        if args.load_in_8bit or args.load_in_4bit:
+            raise RecipeError(f"--init_lora_weights {args.init_lora_weights} needs the full-precision base (PEFT "
+                              "converts the adapter against W); drop --load_in_8bit/--load_in_4bit")
     if args.target_r is not None:
         if args.method not in ("lra", "adalora"):
             raise RecipeError(f"--target_r is for adaptive rank (--method lra or adalora), not --method {args.method}")

@@ -1,9 +1,10 @@
-"""Calibration batches for LRA's task-aware inits (`--init_weights corda|gradient`): `lra_peft.preprocess` in a recipe.
+"""Calibration batches for the task-aware inits: LRA's `--init_weights corda|gradient` (`lra_peft.preprocess`) and
+LoRA's `--init_lora_weights corda|lora_ga` (PEFT's `preprocess_corda` / `preprocess_loraga`).
 
 `--calibration_samples N` examples are drawn from the training split only (with the run's `--seed`, from a generator
 of their own, so the global RNG that drives dropout and the data order is untouched) and run through the model before
-`get_peft_model`, in batches of `--per_device_train_batch_size`. For "gradient" each batch's loss is the recipe's own
-training loss (`compute_loss`), so G is the gradient of the task that will be trained.
+`get_peft_model`, in batches of `--per_device_train_batch_size`. For "gradient" / "lora_ga" each batch's loss is the
+recipe's own training loss (`compute_loss`), so G is the gradient of the task that will be trained.
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+from peft import LoraConfig
 from torch import nn
 
 import lra_peft
 from lra_peft.config import DATA_AWARE_INITS
+
+from .lora_inits import preprocess_lora
 
 __all__ = ["DATA_AWARE_INITS", "DEFAULT_CALIBRATION_SAMPLES", "CalibrationData", "calibrate", "calibration_subset"]
 
@@ -55,17 +59,22 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 
 
 def calibrate(model: nn.Module, config: Any, args: argparse.Namespace, data: CalibrationData) -> None:
-    """Run `lra_peft.preprocess` for `config` on `--calibration_samples` training examples."""
+    """Run the preprocessing of `config`'s init (LRA's or PEFT's LoRA's) on `--calibration_samples` training examples."""
     subset = calibration_subset(data.features, args.calibration_samples, args.seed)
     device = next(model.parameters()).device
     loss_model = data.wrap(model) if data.wrap is not None else model
-    kind = config.init_weights
+    kind = config.init_lora_weights if isinstance(config, LoraConfig) else config.init_weights
+    # PEFT's CorDA hook reads one sequence per forward pass (it squeezes the batch dimension).
+    batch_size = 1 if kind == "corda" and isinstance(config, LoraConfig) else args.per_device_train_batch_size
 
     def run_model() -> None:
-        for start in range(0, len(subset), args.per_device_train_batch_size):
-            batch = _to_device(data.collate_fn(subset[start:start + args.per_device_train_batch_size]), device)
+        for start in range(0, len(subset), batch_size):
+            batch = _to_device(data.collate_fn(subset[start:start + batch_size]), device)
             loss = data.compute_loss(loss_model, batch)
-            if kind == "gradient":
+            if kind in ("gradient", "lora_ga"):
                 loss.backward()
 
-    lra_peft.preprocess(model, config, run_model)
+    if isinstance(config, LoraConfig):
+        preprocess_lora(model, config, run_model)
+    else:
+        lra_peft.preprocess(model, config, run_model)

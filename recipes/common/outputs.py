@@ -26,6 +26,7 @@ from .card import RunOutputs, lra_card_section, model_card
 from .checkpoint import CHECKPOINT_PREFIX, EARLIER_OUTPUTS, EPOCH_CHECKPOINT_PREFIX, atomic_dir, replace_earlier_outputs
 from .errors import RecipeError
 from .loop import EvalFn, TrainResult
+from .lora_inits import save_adapter
 from .methods import count_parameters, find_peft_model
 
 
@@ -107,12 +108,12 @@ def save_outputs(args: argparse.Namespace, accelerator: Any, model: nn.Module, t
     hub_base = public_base_model(args.model_name_or_path, args.hub_base_model_id)
     # The recipes never resize the vocabulary, so the embedding matrix is never saved with an adapter (PEFT's "auto"
     # would look the base's config up on the Hub to find that out, now that the base is named by Hub id).
-    embeddings = {"save_embedding_layers": False} if peft_model is not None else {}
+    state = {"state_dict": full_state} if full_state is not None and saved is unwrapped else {}
     with public_base_name(saved, peft_model, hub_base):
-        if full_state is not None and saved is unwrapped:
-            saved.save_pretrained(str(tmp), safe_serialization=True, state_dict=full_state, **embeddings)
+        if peft_model is not None:  # PiSSA / CorDA / LoRA-GA LoRA: converted for the original base (lora_inits.py)
+            save_adapter(saved, tmp, save_embedding_layers=False, **state)
         else:
-            saved.save_pretrained(str(tmp), safe_serialization=True, **embeddings)
+            saved.save_pretrained(str(tmp), safe_serialization=True, **state)
         lra_section = lra_card_section(peft_model, run) if args.method == "lra" else ""
     # The recipe's card replaces the one PEFT (or lra_peft's save hook) just wrote: one card, one of each section.
     (tmp / "README.md").write_text(model_card(args, run, metrics, peft_model is not None, hub_base, lra_section))
