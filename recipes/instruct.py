@@ -38,7 +38,7 @@ from common.accelerator import make_accelerator
 from common.args import TaskDefaults
 from common.args import parse_args as parse_recipe_args
 from common.batching import eval_dataloader
-from common.data import load_hub_dataset, require_nonempty, take
+from common.data import load_hub_dataset, load_jsonl, require_nonempty, take
 from common.errors import RecipeError, run_main
 from common.loop import train
 from common.methods import apply_method, load_model, load_tokenizer
@@ -76,20 +76,12 @@ Messages = list[dict[str, str]]
 
 
 def read_jsonl(path: Path) -> list[Messages]:
-    """Examples of a JSONL file as chat messages; a bad line raises a `RecipeError` naming file and line."""
+    """Examples of a JSONL file (through `datasets`) as chat messages; a bad line raises a `RecipeError` naming file
+    and line."""
     if not path.is_file():
         raise RecipeError(f"{path} does not exist; pass --train_file/--validation_file <JSONL file>")
-    examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise RecipeError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            examples.append(to_messages(row, f"{path}:{lineno}"))
-    return examples
+    rows, lines = load_jsonl(path, to_messages)
+    return [to_messages(row, f"{path}:{line}") for row, line in zip(rows, lines)]
 
 
 def to_messages(row: Any, where: str) -> Messages:

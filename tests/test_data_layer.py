@@ -9,6 +9,7 @@ import argparse
 import csv
 import importlib
 import io
+import json
 import os
 import sys
 from pathlib import Path
@@ -365,3 +366,38 @@ def test_add_column_args_defaults_to_none():
     parser = argparse.ArgumentParser()
     data.add_column_args(parser.add_argument_group("data"), "text", "label")
     assert vars(parser.parse_args([])) == {"text_column_name": None, "label_column_name": None}
+
+
+# ------------------------------------------------------------------------------------------------ JSON Lines
+def instruct_module():
+    return importlib.import_module("instruct")
+
+
+def test_jsonl_through_datasets_gives_the_examples_of_a_line_by_line_json_read(tmp_path):
+    rows = [{"prompt": "copy a, b", "response": "a, b"},
+            {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi \"there\""},
+                          {"role": "assistant", "content": "hello\nworld"}]},
+            {"prompt": "é ü", "response": "", "id": 3}]
+    path = tmp_path / "train.jsonl"
+    path.write_text("\ufeff" + json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n" + json.dumps(rows[2]) + "\n",
+                    encoding="utf-8")
+    instruct = instruct_module()
+    expected = [instruct.to_messages(row, "row") for row in rows]  # what a json.loads per line gives
+    assert instruct.read_jsonl(path) == expected
+    dataset, lines = data.load_jsonl(path, instruct.to_messages)
+    assert isinstance(dataset, datasets.Dataset) and lines == [1, 3, 4]
+
+
+def test_jsonl_errors_name_the_line(tmp_path):
+    instruct = instruct_module()
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": "c" "response": "d"}\n')
+    recipe_error(f"{bad_json}:3: not valid JSON", instruct.read_jsonl, bad_json)
+    # pyarrow refuses a field whose type changes between rows; the line scan names the row the recipe rejects.
+    bad_type = tmp_path / "type.jsonl"
+    bad_type.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": 5}\n')
+    recipe_error(f"{bad_type}:2: expected", instruct.read_jsonl, bad_type)
+    # A row of the wrong shape that pyarrow reads (another field name) is rejected with its line too.
+    bad_field = tmp_path / "field.jsonl"
+    bad_field.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c", "answer": "d"}\n')
+    recipe_error(f"{bad_field}:2: expected", instruct.read_jsonl, bad_field)

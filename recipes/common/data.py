@@ -1,5 +1,6 @@
 """Where a recipe's data comes from and how it is read, on 🤗 Datasets as in Transformers' `run_*_no_trainer.py`
-examples: the data folder, local CSV/TSV files through `datasets.load_dataset("csv", data_files=...)`, Hub datasets,
+examples: the data folder, local CSV/TSV files through `datasets.load_dataset("csv", data_files=...)` (JSON Lines
+through `load_dataset("json", ...)`), Hub datasets,
 tokenization with a batched `Dataset.map`, and the checks on the splits (sample limits, empty splits, labels never
 seen in training). CoNLL files are read by `conll.py`.
 
@@ -18,6 +19,7 @@ import argparse
 import csv
 import hashlib
 import io
+import json
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -244,6 +246,45 @@ def load_csv(path: Path, columns: Sequence[str], delimiter: str = ",",
         if error is not None:
             raise error
     return dataset
+
+
+# ------------------------------------------------------------------------------------------------ JSON Lines
+def load_jsonl(path: Path, check_row: Callable[[Any, str], Any]) -> tuple[Any, list[int]]:
+    """A `Dataset` of a JSON Lines file (`datasets.load_dataset("json", data_files=...)`, one object a line, blank
+    lines skipped) and the line number of each row, for the caller's `path:line` errors.
+
+    When `datasets` (pyarrow) refuses the file, each line is read with Python's `json` and given to
+    `check_row(row, "path:line")` (which raises a `RecipeError` for a row the caller rejects), so the error names the
+    line at fault: not JSON, or a row of the wrong shape (pyarrow also refuses a field whose type changes between rows).
+    """
+    import datasets
+
+    path = Path(path)
+    raw = path.read_bytes()
+    text = _decoded(path, raw)
+    lines = [n for n, line in enumerate(text.split("\n"), 1) if line.strip()]
+    if not lines:
+        return datasets.Dataset.from_dict({}), []
+    try:
+        # The content hash in the config name: `datasets` keys a local file's cache by its modification time only.
+        dataset = datasets.load_dataset("json", name=f"sha256-{hashlib.sha256(raw).hexdigest()[:16]}",
+                                        data_files={"data": str(path)}, split="data")
+    except Exception as exc:  # noqa: BLE001 - any parser failure becomes the file:line error of the row at fault
+        for n, line in enumerate(text.split("\n"), 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as bad:
+                    raise RecipeError(f"{path}:{n}: not valid JSON ({bad.msg})") from None
+                check_row(row, f"{path}:{n}")
+        cause = _root_cause(exc)
+        raise RecipeError(f"{path}: could not be read as JSON Lines ({type(cause).__name__}: "
+                          f"{str(cause).strip().splitlines()[0] if str(cause) else ''}); give every line one JSON "
+                          "object whose fields have the same types on every line") from None
+    if len(dataset) != len(lines):
+        raise RecipeError(f"{path}: {len(lines)} non-blank lines but {len(dataset)} rows were read; give every line "
+                          "one JSON object (JSON Lines), not arrays or objects spanning lines")
+    return dataset, lines
 
 
 def read_table(path: Path, text_column: str, label_column: str, delimiter: str = ",") -> Any:
