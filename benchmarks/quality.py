@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -99,6 +100,19 @@ NOT_COMPARED = {"output_dir", "model_name_or_path", "data_dir", "overwrite_outpu
 LRA_ONLY = {"init_weights", "uv_lr_scale", "uv_gain", "calibration_samples"}
 
 
+def _same_planned_length(now: dict, metrics: dict) -> bool:
+    """Whether today's --min_train_steps plans the epochs the run ran: the minimum acts only through them, and not at
+    all when --num_train_epochs / --max_train_steps is given or --max_train_samples cuts the data
+    (recipes/common/schedule.py plan_schedule)."""
+    if any(now.get(k) is not None for k in ("num_train_epochs", "max_train_steps", "max_train_samples")):
+        return True
+    epochs, steps, default = metrics.get("epochs"), metrics.get("train_steps"), now.get("task_num_train_epochs")
+    if not (epochs and steps and default):
+        return False
+    per_epoch = math.ceil(steps / epochs)
+    return max(default, math.ceil((now["min_train_steps"] or 0) / per_epoch)) == epochs
+
+
 def changed_defaults(recipe: Path, args: list[str], metrics: dict) -> list[str]:
     """The flags whose value the recipe resolves differently today from what the run recorded in metrics.json.
 
@@ -117,6 +131,9 @@ def changed_defaults(recipe: Path, args: list[str], metrics: dict) -> list[str]:
     now = json.loads(json.dumps(now))  # tuples -> lists etc., as metrics.json stores them
     # --num_train_epochs left out is planned from the data when the recipe runs (at least the task's default epochs,
     # recipes/common/schedule.py plan_schedule), and the run records the epochs it planned: a run that ran those is the same run.
+    if "min_train_steps" in now and now["min_train_steps"] != recorded.get("min_train_steps") \
+            and _same_planned_length(now, metrics):
+        now.pop("min_train_steps")
     if "num_train_epochs" in now and now["num_train_epochs"] is None \
             and recorded.get("num_train_epochs") == metrics.get("epochs"):
         now.pop("num_train_epochs")

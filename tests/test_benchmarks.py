@@ -186,6 +186,22 @@ def test_a_finished_run_whose_epochs_the_recipe_planned_is_reused(tmp_path: Path
         [f"--learning_rate 0.0005 -> {default_lr!r}"]
 
 
+def test_a_new_minimum_number_of_steps_reruns_only_runs_whose_length_it_changes(tmp_path: Path) -> None:
+    """--min_train_steps acts through the epochs it plans: a shipped intent run (3 epochs of 282 steps) is the same
+    run under any minimum up to its 846 steps, a small-data run planned under a lower minimum is not."""
+    quality = load_script("quality")
+    recipe = BENCHMARKS.parent / "recipes" / "intent.py"
+    args = ["--method", "lra", "--seed", "0", "--output_dir", str(tmp_path / "o")]
+    recorded = json.loads(json.dumps(vars(quality._recipe_module(recipe).parse_args(args))))
+    minimum = recorded["min_train_steps"]
+    recorded.update(num_train_epochs=3, min_train_steps=400)  # an older run, planned under a minimum of 400
+    assert quality.changed_defaults(recipe, args, {"args": recorded, "epochs": 3, "train_steps": 846}) == []
+    # 1,500 examples (47 steps an epoch): 400 planned 9 epochs, today's minimum plans more.
+    recorded["num_train_epochs"] = 9
+    assert quality.changed_defaults(recipe, args, {"args": recorded, "epochs": 9, "train_steps": 423}) == \
+        [f"--min_train_steps 400 -> {minimum}"]
+
+
 def test_device_check_passes_on_the_cpu_with_a_tiny_bert(tmp_path: Path) -> None:
     """The GPU script's checks, run here on the CPU: bf16, int8 and nf4 bases of a tiny BERT."""
     require("bitsandbytes")

@@ -22,11 +22,11 @@ from typing import Any, Optional
 import torch
 from peft import LoraConfig, LoraGAConfig, get_peft_model_state_dict, preprocess_loraga
 from peft.tuners.lora.config import CordaConfig
-from peft.tuners.lora.corda import preprocess_corda
-from peft.tuners.lora.corda import target_modules as corda_targets
 from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from .errors import RecipeError
 
 LORA_INITS = ("true", "pissa", "corda", "lora_ga")
 # Inits whose adapter holds part of W at step 0 (so saving converts), and those that read calibration batches.
@@ -53,6 +53,11 @@ def preprocess_lora(model: nn.Module, config: LoraConfig, run_model: Any) -> Non
     """PEFT's preprocessing for a data-aware LoRA init: `run_model()` runs the calibration batches (forward for
     CorDA; forward and backward for LoRA-GA)."""
     if config.init_lora_weights == "corda":
+        try:  # imported here: PEFT 0.21's corda.py needs `attrs`, which PEFT does not declare (pyproject's recipes extra does)
+            from peft.tuners.lora.corda import preprocess_corda
+        except ImportError as exc:
+            raise RecipeError(f"--init_lora_weights corda: PEFT's CorDA could not be imported ({exc}); "
+                              "`pip install attrs` (or `pip install -e '.[recipes]'`)") from None
         with _vectors_as_sequences(model, config):
             preprocess_corda(model, config, run_model=run_model)
     else:
@@ -71,6 +76,8 @@ def _vectors_as_sequences(model: nn.Module, config: LoraConfig) -> Iterator[None
     def shaped_back(module: nn.Module, inputs: tuple, output: torch.Tensor) -> Optional[torch.Tensor]:
         return output.squeeze(0) if inputs[0].dim() == 3 and output.dim() == 3 and output.size(0) == 1 \
             and output.size(1) == 1 else None
+
+    from peft.tuners.lora.corda import target_modules as corda_targets
 
     handles = []
     for _, module in corda_targets(model, config):
