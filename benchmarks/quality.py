@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,17 +101,16 @@ NOT_COMPARED = {"output_dir", "model_name_or_path", "data_dir", "overwrite_outpu
 LRA_ONLY = {"init_weights", "uv_lr_scale", "uv_gain", "calibration_samples"}
 
 
-def _same_planned_length(now: dict, metrics: dict) -> bool:
+def _same_planned_length(now: dict, metrics: dict, planned_epochs: Callable[[int, int, int], int]) -> bool:
     """Whether today's --min_train_steps plans the epochs the run ran: the minimum acts only through them, and not at
     all when --num_train_epochs / --max_train_steps is given or --max_train_samples cuts the data
-    (recipes/common/schedule.py plan_schedule)."""
+    (recipes/common/schedule.py plan_schedule, whose `planned_epochs` is passed in)."""
     if any(now.get(k) is not None for k in ("num_train_epochs", "max_train_steps", "max_train_samples")):
         return True
     epochs, steps, default = metrics.get("epochs"), metrics.get("train_steps"), now.get("task_num_train_epochs")
     if not (epochs and steps and default):
         return False
-    per_epoch = math.ceil(steps / epochs)
-    return max(default, math.ceil((now["min_train_steps"] or 0) / per_epoch)) == epochs
+    return planned_epochs(default, now["min_train_steps"] or 0, math.ceil(steps / epochs)) == epochs
 
 
 def changed_defaults(recipe: Path, args: list[str], metrics: dict) -> list[str]:
@@ -132,7 +132,7 @@ def changed_defaults(recipe: Path, args: list[str], metrics: dict) -> list[str]:
     # --num_train_epochs left out is planned from the data when the recipe runs (at least the task's default epochs,
     # recipes/common/schedule.py plan_schedule), and the run records the epochs it planned: a run that ran those is the same run.
     if "min_train_steps" in now and now["min_train_steps"] != recorded.get("min_train_steps") \
-            and _same_planned_length(now, metrics):
+            and _same_planned_length(now, metrics, sys.modules["common.schedule"].planned_epochs):
         now.pop("min_train_steps")
     if "num_train_epochs" in now and now["num_train_epochs"] is None \
             and recorded.get("num_train_epochs") == metrics.get("epochs"):

@@ -189,6 +189,13 @@ def _root_cause(exc: BaseException) -> BaseException:
 
 
 # ------------------------------------------------------------------------------------------------ CSV and TSV
+def _content_name(raw: bytes) -> str:
+    """The config name a local file is loaded under. `datasets` keys a local file's cache by its modification time
+    only, so a file replaced by one with the same time (`cp -p`, `rsync -a`, `touch -r`) would be served from the old
+    cache: the name adds a hash of the content."""
+    return f"sha256-{hashlib.sha256(raw).hexdigest()[:16]}"
+
+
 def load_csv(path: Path, columns: Sequence[str], delimiter: str = ",",
              bad_row: Optional[Callable[[dict], bool]] = None,
              describe: Optional[Callable[[int, dict, list[str]], str]] = None,
@@ -223,10 +230,8 @@ def load_csv(path: Path, columns: Sequence[str], delimiter: str = ",",
         # A header and no rows: `load_dataset` refuses a file without data; the recipes report an empty split.
         return datasets.Dataset.from_dict({name: [] for name in header}, features=features)
     try:
-        # `datasets` keys a local file's cache by its modification time only, so a file replaced by one with the same
-        # time (`cp -p`, `rsync -a`, `touch -r`) would be served from the old cache: the config name adds the content.
         dataset = datasets.load_dataset(
-            "csv", name=f"sha256-{hashlib.sha256(raw).hexdigest()[:16]}", data_files={"data": str(path)},
+            "csv", name=_content_name(raw), data_files={"data": str(path)},
             split="data", delimiter=delimiter, quoting=_quoting(delimiter), encoding="utf-8-sig",
             keep_default_na=False, index_col=False, features=features)
     except Exception as exc:  # noqa: BLE001 - any parser failure becomes the file:line error of the row at fault
@@ -266,8 +271,7 @@ def load_jsonl(path: Path, check_row: Callable[[Any, str], Any]) -> tuple[Any, l
     if not lines:
         return datasets.Dataset.from_dict({}), []
     try:
-        # The content hash in the config name: `datasets` keys a local file's cache by its modification time only.
-        dataset = datasets.load_dataset("json", name=f"sha256-{hashlib.sha256(raw).hexdigest()[:16]}",
+        dataset = datasets.load_dataset("json", name=_content_name(raw),
                                         data_files={"data": str(path)}, split="data")
     except Exception as exc:  # noqa: BLE001 - any parser failure becomes the file:line error of the row at fault
         for n, line in enumerate(text.split("\n"), 1):

@@ -27,6 +27,12 @@ def min_train_steps_for(shipped_train_examples: Optional[int], num_train_epochs:
     return min(MIN_TRAIN_STEPS, num_train_epochs * math.ceil(shipped_train_examples / batch_size))
 
 
+def planned_epochs(task_num_train_epochs: int, min_train_steps: int, updates_per_epoch: int) -> int:
+    """Epochs of a run left to its defaults: the task's default epochs, or more until at least `min_train_steps`
+    optimizer steps of `updates_per_epoch`."""
+    return max(task_num_train_epochs, math.ceil(min_train_steps / updates_per_epoch))
+
+
 @dataclass
 class Schedule:
     updates_per_epoch: int
@@ -63,7 +69,7 @@ def plan_schedule(args: argparse.Namespace, num_examples: int, num_processes: in
                         f"the task's default {default} epoch(s) ({default * updates} steps of {updates}): "
                         f"--max_train_samples {args.max_train_samples} is a quick run, where --min_train_steps does "
                         "not apply; pass --num_train_epochs for more")
-    epochs = max(default, math.ceil(args.min_train_steps / updates))
+    epochs = planned_epochs(default, args.min_train_steps, updates)
     if epochs == default:
         reason = (f"the task's default {default} epoch(s) ({default * updates} steps of {updates}) reach "
                   f"--min_train_steps {args.min_train_steps}")
