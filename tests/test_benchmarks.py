@@ -179,10 +179,10 @@ def test_a_finished_run_whose_epochs_the_recipe_planned_is_reused(tmp_path: Path
     args = ["--method", "lra", "--seed", "0", "--output_dir", str(tmp_path / "o")]
     recorded = json.loads(json.dumps(vars(quality._recipe_module(recipe).parse_args(args))))
     assert recorded["num_train_epochs"] is None
-    recorded["num_train_epochs"] = 1  # what the run writes into metrics.json's args after planning CoNLL's 439 steps
-    assert quality.changed_defaults(recipe, args, {"args": recorded, "epochs": 1}) == []
+    recorded["num_train_epochs"] = 2  # what the run writes into metrics.json's args after planning CoNLL's 2 × 439 steps
+    assert quality.changed_defaults(recipe, args, {"args": recorded, "epochs": 2}) == []
     default_lr, recorded["learning_rate"] = recorded["learning_rate"], 5e-4
-    assert quality.changed_defaults(recipe, args, {"args": recorded, "epochs": 1}) == \
+    assert quality.changed_defaults(recipe, args, {"args": recorded, "epochs": 2}) == \
         [f"--learning_rate 0.0005 -> {default_lr!r}"]
 
 

@@ -58,7 +58,7 @@ def same_as_adapter(state: dict[str, torch.Tensor], saved: dict[str, torch.Tenso
 SHIPPED = {"ner": 14041, "sentiment": 67349, "intent": 9000, "recommend": 2412}
 
 
-@pytest.mark.parametrize("task, steps", [("ner", 439), ("sentiment", 2105), ("intent", 3 * 282), ("recommend", 76)])
+@pytest.mark.parametrize("task, steps", [("ner", 2 * 439), ("sentiment", 2105), ("intent", 3 * 282), ("recommend", 76)])
 def test_shipped_datasets_keep_their_default_number_of_steps(task, steps):
     args = importlib.import_module(task).parse_args([])
     schedule = planning.plan_schedule(args, SHIPPED[task], num_processes=1)
@@ -69,11 +69,11 @@ def test_shipped_datasets_keep_their_default_number_of_steps(task, steps):
 @pytest.mark.parametrize("task", sorted(SHIPPED))
 def test_one_rule_for_every_recipe(task):
     """The minimum is MIN_TRAIN_STEPS (800), or the steps of the task's default run on its shipped data when fewer
-    (NER: 14,041 / 32 = 439; recommend: 2,412 / 32 = 76); data an eighth of the shipped size then trains more epochs
+    (recommend: 2,412 / 32 = 76); data an eighth of the shipped size then trains more epochs
     than the default."""
     args = importlib.import_module(task).parse_args([])
     shipped_steps = args.task_num_train_epochs * -(-SHIPPED[task] // args.per_device_train_batch_size)
-    assert args.min_train_steps == min(800, shipped_steps) == {"recommend": 76, "ner": 439}.get(task, 800)
+    assert args.min_train_steps == min(800, shipped_steps) == {"recommend": 76}.get(task, 800)
     schedule = planning.plan_schedule(args, SHIPPED[task] // 8, num_processes=1)
     assert schedule.num_train_epochs > args.task_num_train_epochs
     assert args.min_train_steps <= schedule.max_train_steps < args.min_train_steps + schedule.updates_per_epoch
@@ -85,16 +85,17 @@ def test_small_data_without_an_epoch_flag_trains_at_least_the_minimum_number_of_
     ner = importlib.import_module("ner")
     args = ner.parse_args([])
     schedule = planning.plan_schedule(args, 3000, num_processes=1)  # 94 steps per epoch
-    assert (schedule.num_train_epochs, schedule.max_train_steps) == (5, 470)
-    assert "fewer than --min_train_steps 439: raised to 5 epochs" in schedule.reason
-    assert args.num_train_epochs == 5  # what metrics.json's args record
+    assert (schedule.num_train_epochs, schedule.max_train_steps) == (9, 846)
+    assert "default 2 epoch(s) would be only 188 steps of 94, fewer than --min_train_steps 800: raised to 9 epochs" \
+        in schedule.reason
+    assert args.num_train_epochs == 9  # what metrics.json's args record
     # An explicit flag is obeyed as given.
     assert planning.plan_schedule(ner.parse_args(["--num_train_epochs", "1"]), 3000, 1).max_train_steps == 94
     assert planning.plan_schedule(ner.parse_args(["--max_train_steps", "7"]), 3000, 1).max_train_steps == 7
-    assert planning.plan_schedule(ner.parse_args(["--min_train_steps", "0"]), 3000, 1).max_train_steps == 94
+    assert planning.plan_schedule(ner.parse_args(["--min_train_steps", "0"]), 3000, 1).max_train_steps == 188
     # --max_train_samples cuts the data for a quick run: the default epochs, and the log says why.
     quick = planning.plan_schedule(ner.parse_args(["--max_train_samples", "3000"]), 3000, 1)
-    assert quick.max_train_steps == 94 and "--max_train_samples 3000 is a quick run" in quick.reason
+    assert quick.max_train_steps == 188 and "--max_train_samples 3000 is a quick run" in quick.reason
 
 
 def test_recipe_on_a_small_slice_runs_more_epochs_and_records_why(tiny_model, tmp_path):
@@ -109,12 +110,13 @@ def test_recipe_on_a_small_slice_runs_more_epochs_and_records_why(tiny_model, tm
     assert metrics["args"]["num_train_epochs"] == 3
 
 
-@pytest.mark.parametrize("task, minimum", [("ner", 439), ("recommend", 76)])
-def test_recipe_on_small_data_at_its_defaults_runs_more_epochs_and_records_why(tiny_model, tmp_path, task, minimum):
-    """Two recipes, each at its own default minimum (no --min_train_steps): the run is longer than the default 1 epoch
-    and metrics.json says why; a --max_train_samples cut of the same data keeps the default epoch and says why."""
+@pytest.mark.parametrize("task, minimum, default_epochs", [("ner", 800, 2), ("recommend", 76, 1)])
+def test_recipe_on_small_data_at_its_defaults_runs_more_epochs_and_records_why(tiny_model, tmp_path, task, minimum,
+                                                                             default_epochs):
+    """Two recipes, each at its own default minimum (no --min_train_steps): the run is longer than the default epochs
+    and metrics.json says why; a --max_train_samples cut of the same data keeps the default epochs and says why."""
     out = tmp_path / "out"
-    if task == "ner":  # 320 sentences at batch 4: 80 steps per epoch, so 439 steps are 6 epochs
+    if task == "ner":  # 320 sentences at batch 4: 80 steps per epoch, so 800 steps are 10 epochs
         data, extra = write_conll(tmp_path / "conll", n_train=320), []
     else:
         data, extra = write_movielens(tmp_path / "ml"), ["--num_eval_negatives", "9"]
@@ -122,15 +124,15 @@ def test_recipe_on_small_data_at_its_defaults_runs_more_epochs_and_records_why(t
     metrics = metrics_of(out)
     length = metrics["train_length"]
     per_epoch = metrics["train_steps"] // metrics["epochs"]
-    assert metrics["epochs"] > 1 and length["epochs_run"] == length["planned_epochs"] == metrics["epochs"]
+    assert metrics["epochs"] > default_epochs and length["epochs_run"] == length["planned_epochs"] == metrics["epochs"]
     assert minimum <= length["steps_run"] == metrics["train_steps"] < minimum + per_epoch
-    assert (f"default 1 epoch(s) would be only {per_epoch} steps of {per_epoch}, fewer than --min_train_steps "
-            f"{minimum}: raised to {metrics['epochs']} epochs") in length["reason"]
+    assert (f"default {default_epochs} epoch(s) would be only {default_epochs * per_epoch} steps of {per_epoch}, "
+            f"fewer than --min_train_steps {minimum}: raised to {metrics['epochs']} epochs") in length["reason"]
 
     quick = tmp_path / "quick"
     run_recipe(f"{task}.py", *small(tiny_model, data, quick, *extra, "--max_train_samples", "8"))
     length = metrics_of(quick)["train_length"]
-    assert length["epochs_run"] == 1 and length["steps_run"] == 2
+    assert length["epochs_run"] == default_epochs and length["steps_run"] == 2 * default_epochs
     assert "--max_train_samples 8 is a quick run, where --min_train_steps does not apply" in length["reason"]
 
 
