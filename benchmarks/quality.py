@@ -102,12 +102,15 @@ LRA_ONLY = {"init_weights", "uv_lr_scale", "uv_gain", "calibration_samples"}
 
 
 def _same_planned_length(now: dict, metrics: dict, planned_epochs: Callable[[int, int, int], int]) -> bool:
-    """Whether today's --min_train_steps plans the epochs the run ran: the minimum acts only through them, and not at
-    all when --num_train_epochs / --max_train_steps is given or --max_train_samples cuts the data
-    (recipes/common/schedule.py plan_schedule, whose `planned_epochs` is passed in)."""
-    if any(now.get(k) is not None for k in ("num_train_epochs", "max_train_steps", "max_train_samples")):
+    """Whether today's task default epochs and --min_train_steps plan the epochs the run ran: they act only through
+    them, not at all when --num_train_epochs / --max_train_steps is given, and only the default epochs act when
+    --max_train_samples cuts the data (recipes/common/schedule.py plan_schedule, whose `planned_epochs` is passed in)."""
+    if any(now.get(k) is not None for k in ("num_train_epochs", "max_train_steps")):
         return True
-    epochs, steps, default = metrics.get("epochs"), metrics.get("train_steps"), now.get("task_num_train_epochs")
+    default = now.get("task_num_train_epochs")
+    if now.get("max_train_samples") is not None:
+        return default == metrics.get("args", {}).get("task_num_train_epochs")
+    epochs, steps = metrics.get("epochs"), metrics.get("train_steps")
     if not (epochs and steps and default):
         return False
     return planned_epochs(default, now["min_train_steps"] or 0, math.ceil(steps / epochs)) == epochs
@@ -131,9 +134,12 @@ def changed_defaults(recipe: Path, args: list[str], metrics: dict) -> list[str]:
     now = json.loads(json.dumps(now))  # tuples -> lists etc., as metrics.json stores them
     # --num_train_epochs left out is planned from the data when the recipe runs (at least the task's default epochs,
     # recipes/common/schedule.py plan_schedule), and the run records the epochs it planned: a run that ran those is the same run.
-    if "min_train_steps" in now and now["min_train_steps"] != recorded.get("min_train_steps") \
+    # The task's default epochs and the minimum act only through that plan (not at all under an explicit epoch flag).
+    planning = ("min_train_steps", "task_num_train_epochs")
+    if any(k in now and now[k] != recorded.get(k) for k in planning) \
             and _same_planned_length(now, metrics, sys.modules["common.schedule"].planned_epochs):
-        now.pop("min_train_steps")
+        for k in planning:
+            now.pop(k, None)
     if "num_train_epochs" in now and now["num_train_epochs"] is None \
             and recorded.get("num_train_epochs") == metrics.get("epochs"):
         now.pop("num_train_epochs")

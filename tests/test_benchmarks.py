@@ -202,6 +202,33 @@ def test_a_new_minimum_number_of_steps_reruns_only_runs_whose_length_it_changes(
         [f"--min_train_steps 400 -> {minimum}"]
 
 
+def test_a_new_default_number_of_epochs_reruns_only_runs_that_used_it(tmp_path: Path) -> None:
+    """A task's default epochs act through the epochs planned: a run with an explicit --num_train_epochs made under an
+    older default is the same run; a run left to the older default, or a quick --max_train_samples run at it, is not."""
+    quality = load_script("quality")
+    recipe = BENCHMARKS.parent / "recipes" / "ner.py"
+    default = quality._recipe_module(recipe).DEFAULTS.num_train_epochs
+    explicit = ["--method", "lra", "--seed", "0", "--output_dir", str(tmp_path / "o"), "--num_train_epochs", "2"]
+    recorded = json.loads(json.dumps(vars(quality._recipe_module(recipe).parse_args(explicit))))
+    recorded.update(task_num_train_epochs=default + 1, min_train_steps=439)
+    assert quality.changed_defaults(recipe, explicit, {"args": recorded, "epochs": 2, "train_steps": 878}) == []
+
+    left_out = explicit[:-2]
+    recorded = json.loads(json.dumps(vars(quality._recipe_module(recipe).parse_args(left_out))))
+    recorded.update(task_num_train_epochs=default + 1, num_train_epochs=default + 1)
+    steps = (default + 1) * 439
+    assert quality.changed_defaults(recipe, left_out, {"args": recorded, "epochs": default + 1, "train_steps": steps}) \
+        == [f"--task_num_train_epochs {default + 1} -> {default}"]
+
+    quick = [*left_out, "--max_train_samples", "64"]
+    recorded = json.loads(json.dumps(vars(quality._recipe_module(recipe).parse_args(quick))))
+    recorded["min_train_steps"] = 439  # not acting on a quick run: the same run
+    assert quality.changed_defaults(recipe, quick, {"args": recorded, "epochs": default}) == []
+    recorded["task_num_train_epochs"] = default + 1
+    assert f"--task_num_train_epochs {default + 1} -> {default}" in \
+        quality.changed_defaults(recipe, quick, {"args": recorded, "epochs": default + 1})
+
+
 def test_device_check_passes_on_the_cpu_with_a_tiny_bert(tmp_path: Path) -> None:
     """The GPU script's checks, run here on the CPU: bf16, int8 and nf4 bases of a tiny BERT."""
     require("bitsandbytes")
