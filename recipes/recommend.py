@@ -48,7 +48,10 @@ from transformers import AutoModel
 # 1 epoch, fewer than MIN_TRAIN_STEPS: the shared rule makes 76 this recipe's minimum (docs/recipes.md).
 DEFAULTS = TaskDefaults(dataset="movielens-small", learning_rate=1e-3, full_learning_rate=5e-5, num_train_epochs=1,
                         per_device_train_batch_size=32, per_device_eval_batch_size=128, max_length=96,
-                        shipped_train_examples=2412)
+                        shipped_train_examples=2412,
+                        # LoRA's best validation cell (seed 42): 1e-3 constant after 5 warm-up steps, 47.41 NDCG@10
+                        # (linear: 46.42); LRA's is the shared default, 1e-3 linear (46.56; after warm-up: 46.03).
+                        method_defaults={"lora": {"lr_scheduler_type": "constant_with_warmup", "num_warmup_steps": 5}})
 FILES = ("ratings.csv", "movies.csv")
 K = 10  # HR@K, NDCG@K
 
