@@ -19,7 +19,6 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,10 +100,12 @@ NOT_COMPARED = {"output_dir", "model_name_or_path", "data_dir", "overwrite_outpu
 LRA_ONLY = {"init_weights", "uv_lr_scale", "uv_gain", "calibration_samples"}
 
 
-def _same_planned_length(now: dict, metrics: dict, planned_epochs: Callable[[int, int, int], int]) -> bool:
+def _same_planned_length(now: dict, metrics: dict) -> bool:
     """Whether today's task default epochs and --min_train_steps plan the epochs the run ran: they act only through
     them, not at all when --num_train_epochs / --max_train_steps is given, and only the default epochs act when
-    --max_train_samples cuts the data (recipes/common/schedule.py plan_schedule, whose `planned_epochs` is passed in)."""
+    --max_train_samples cuts the data (recipes/common/schedule.py plan_schedule)."""
+    from common.schedule import planned_epochs  # imported with the recipe (_recipe_module)
+
     if any(now.get(k) is not None for k in ("num_train_epochs", "max_train_steps")):
         return True
     default = now.get("task_num_train_epochs")
@@ -137,7 +138,7 @@ def changed_defaults(recipe: Path, args: list[str], metrics: dict) -> list[str]:
     # The task's default epochs and the minimum act only through that plan (not at all under an explicit epoch flag).
     planning = ("min_train_steps", "task_num_train_epochs")
     if any(k in now and now[k] != recorded.get(k) for k in planning) \
-            and _same_planned_length(now, metrics, sys.modules["common.schedule"].planned_epochs):
+            and _same_planned_length(now, metrics):
         for k in planning:
             now.pop(k, None)
     if "num_train_epochs" in now and now["num_train_epochs"] is None \
