@@ -14,7 +14,8 @@ ner = importlib.import_module("ner")
     ("lra", (2e-3, "linear", 0)),
     ("lora", (1e-3, "constant_with_warmup", 26)),
     ("full", (2e-4, "linear", 0)),
-    ("adalora", (1e-3, "linear", 0)),  # not tuned yet: the task's plain defaults
+    ("adalora", (2e-3, "linear", 0)),
+    ("vera", (1e-3, "linear", 0)),  # not tuned: the task's plain defaults
 ])
 def test_ner_defaults_are_each_methods_validation_winner(method, expected):
     args = ner.parse_args(["--method", method])
@@ -35,10 +36,10 @@ def test_other_tasks_defaults_are_each_methods_validation_winner(task, method, e
     assert (args.learning_rate, args.lr_scheduler_type, args.num_warmup_steps) == expected
 
 
-def test_ner_trains_two_epochs_for_every_method():
-    """Every method's tuned cell gained from a second epoch on validation; an explicit flag still wins."""
-    for method in ("lra", "lora", "full"):
-        assert ner.parse_args(["--method", method]).task_num_train_epochs == 2
+def test_ner_trains_three_epochs_for_every_method():
+    """Every method's tuned cell gained from a second and a third epoch on validation; an explicit flag still wins."""
+    for method in ("lra", "lora", "full", "adalora"):
+        assert ner.parse_args(["--method", method]).task_num_train_epochs == 3
     assert ner.parse_args(["--num_train_epochs", "1"]).num_train_epochs == 1
 
 

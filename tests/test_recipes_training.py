@@ -58,7 +58,7 @@ def same_as_adapter(state: dict[str, torch.Tensor], saved: dict[str, torch.Tenso
 SHIPPED = {"ner": 14041, "sentiment": 67349, "intent": 9000, "recommend": 2412}
 
 
-@pytest.mark.parametrize("task, steps", [("ner", 2 * 439), ("sentiment", 2105), ("intent", 3 * 282), ("recommend", 76)])
+@pytest.mark.parametrize("task, steps", [("ner", 3 * 439), ("sentiment", 2105), ("intent", 3 * 282), ("recommend", 76)])
 def test_shipped_datasets_keep_their_default_number_of_steps(task, steps):
     args = importlib.import_module(task).parse_args([])
     schedule = planning.plan_schedule(args, SHIPPED[task], num_processes=1)
@@ -86,16 +86,16 @@ def test_small_data_without_an_epoch_flag_trains_at_least_the_minimum_number_of_
     args = ner.parse_args([])
     schedule = planning.plan_schedule(args, 3000, num_processes=1)  # 94 steps per epoch
     assert (schedule.num_train_epochs, schedule.max_train_steps) == (9, 846)
-    assert "default 2 epoch(s) would be only 188 steps of 94, fewer than --min_train_steps 800: raised to 9 epochs" \
+    assert "default 3 epoch(s) would be only 282 steps of 94, fewer than --min_train_steps 800: raised to 9 epochs" \
         in schedule.reason
     assert args.num_train_epochs == 9  # what metrics.json's args record
     # An explicit flag is obeyed as given.
     assert planning.plan_schedule(ner.parse_args(["--num_train_epochs", "1"]), 3000, 1).max_train_steps == 94
     assert planning.plan_schedule(ner.parse_args(["--max_train_steps", "7"]), 3000, 1).max_train_steps == 7
-    assert planning.plan_schedule(ner.parse_args(["--min_train_steps", "0"]), 3000, 1).max_train_steps == 188
+    assert planning.plan_schedule(ner.parse_args(["--min_train_steps", "0"]), 3000, 1).max_train_steps == 282
     # --max_train_samples cuts the data for a quick run: the default epochs, and the log says why.
     quick = planning.plan_schedule(ner.parse_args(["--max_train_samples", "3000"]), 3000, 1)
-    assert quick.max_train_steps == 188 and "--max_train_samples 3000 is a quick run" in quick.reason
+    assert quick.max_train_steps == 282 and "--max_train_samples 3000 is a quick run" in quick.reason
 
 
 def test_recipe_on_a_small_slice_runs_more_epochs_and_records_why(tiny_model, tmp_path):
@@ -110,7 +110,7 @@ def test_recipe_on_a_small_slice_runs_more_epochs_and_records_why(tiny_model, tm
     assert metrics["args"]["num_train_epochs"] == 3
 
 
-@pytest.mark.parametrize("task, minimum, default_epochs", [("ner", 800, 2), ("recommend", 76, 1)])
+@pytest.mark.parametrize("task, minimum, default_epochs", [("ner", 800, 3), ("recommend", 76, 1)])
 def test_recipe_on_small_data_at_its_defaults_runs_more_epochs_and_records_why(tiny_model, tmp_path, task, minimum,
                                                                              default_epochs):
     """Two recipes, each at its own default minimum (no --min_train_steps): the run is longer than the default epochs
