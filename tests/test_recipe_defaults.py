@@ -26,7 +26,7 @@ def test_ner_defaults_are_each_methods_validation_winner(method, expected):
     ("intent", "lra", (2e-3, "linear", 0)),
     ("intent", "lora", (2e-3, "linear", 0)),
     ("intent", "full", (2e-4, "linear", 0)),
-    ("recommend", "lra", (1e-3, "linear", 0)),
+    ("recommend", "lra", (2e-3, "linear", 0)),
     ("recommend", "lora", (1e-3, "constant_with_warmup", 5)),
     ("sentiment", "lra", (1e-3, "linear", 0)),
     ("sentiment", "lora", (2e-3, "linear", 0)),
