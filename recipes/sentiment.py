@@ -39,7 +39,8 @@ from transformers import AutoModelForSequenceClassification, DataCollatorWithPad
 
 # LoRA's learning rate: its best on validation over seeds 42, 0, 1 (2e-3: 88.84 ± 0.29; 1e-3: 88.34 ± 0.37); LRA's
 # best there is the shared 1e-3 (88.46 ± 0.58; 2e-3: 88.23; 5e-4: 87.23) (docs/results.md#closing-the-sst-2-gap-what-was-tried-on-validation).
-DEFAULTS = TaskDefaults(dataset="sst2", learning_rate=1e-3, full_learning_rate=5e-5, num_train_epochs=1,
+# Full fine-tuning's best on validation (seed 42): 1e-4, 89.45 (5e-5: 88.99; 2e-4: 88.88).
+DEFAULTS = TaskDefaults(dataset="sst2", learning_rate=1e-3, full_learning_rate=1e-4, num_train_epochs=1,
                         per_device_train_batch_size=32, max_length=128, init_weights="minor",
                         shipped_train_examples=67349, method_defaults={"lora": {"learning_rate": 2e-3}})
 FILES = {"train": "train.tsv", "validation": "dev.tsv", "test": "test.tsv"}

@@ -30,6 +30,7 @@ def test_ner_defaults_are_each_methods_validation_winner(method, expected):
     ("recommend", "lora", (1e-3, "constant_with_warmup", 5)),
     ("sentiment", "lra", (1e-3, "linear", 0)),
     ("sentiment", "lora", (2e-3, "linear", 0)),
+    ("sentiment", "full", (1e-4, "linear", 0)),
 ])
 def test_other_tasks_defaults_are_each_methods_validation_winner(task, method, expected):
     args = importlib.import_module(task).parse_args(["--method", method])
