@@ -22,7 +22,7 @@ import bisect
 import random
 import time
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -282,6 +282,15 @@ class PairCollator:
                 "item_input_ids": items["input_ids"], "item_attention_mask": items["attention_mask"]}
 
 
+def single_sequences(batch: dict) -> Iterator[dict]:
+    """The encoder's inputs for each profile and movie text of a collated batch alone, without its padding (PEFT's
+    CorDA init reads one sequence per forward pass; an example here is a profile and several movies)."""
+    for prefix in ("profile", "item"):
+        for ids, mask in zip(batch[f"{prefix}_input_ids"], batch[f"{prefix}_attention_mask"]):
+            length = int(mask.sum())
+            yield {"input_ids": ids[None, :length], "attention_mask": mask[None, :length]}
+
+
 # ------------------------------------------------------------------------------------------------------ metrics
 def user_rank_metrics(positive: torch.Tensor, negatives: torch.Tensor) -> dict[str, torch.Tensor]:
     """HR@10, NDCG@10 and AUC of each row's positive score against its negatives (ties count half), per row."""
@@ -443,7 +452,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
     encoder = load_model(AutoModel, args)
     drop_pooler(encoder)
     calibration = CalibrationData(train_features, PairCollator(tokenizer), lambda m, batch: m(**batch),
-                                  wrap=lambda enc: BiEncoder(enc, args.temperature))
+                                  wrap=lambda enc: BiEncoder(enc, args.temperature), sequences=single_sequences)
     encoder = apply_method(encoder, args, "FEATURE_EXTRACTION", schedule.max_train_steps, calibration=calibration)
     model = BiEncoder(encoder, args.temperature)
     evaluate = RankingEvaluator(args, accelerator, tokenizer, split, movies, item_ids, encode)

@@ -436,3 +436,13 @@ def test_intent_recipe_with_gradient_on_a_4bit_base(tiny_model, tmp_path):
                                    "--load_in_4bit", "--init_weights", "gradient", "--max_train_steps", "1"))
     assert json.loads((out / "adapter_config.json").read_text())["init_weights"] == "gradient"
     assert json.loads((out / "metrics.json").read_text())["train_steps"] == 1
+
+
+def test_recommend_recipe_with_peft_corda_feeds_one_sequence_per_pass(tiny_model, tmp_path):
+    """An example is a profile and several movies; PEFT's CorDA hook takes one sequence per forward pass."""
+    out = tmp_path / "out"
+    run_recipe("recommend.py", *small(tiny_model, recipe_tests.write_movielens(tmp_path / "ml"), out, "--num_eval_negatives", "9",
+                                      "--method", "lora", "--init_lora_weights", "corda", "--calibration_samples", "4",
+                                      "--max_train_steps", "1"))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["args"]["init_lora_weights"] == "corda" and metrics["train_steps"] == 1

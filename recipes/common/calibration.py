@@ -10,7 +10,7 @@ recipe's own training loss (`compute_loss`), so G is the gradient of the task th
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -34,13 +34,16 @@ class CalibrationData:
 
     features: the training examples (as the train loop gets them; an `index` key is dropped);
     collate_fn: the training collator; compute_loss(model, batch) -> loss: the training loss;
-    wrap: turns the adapted module into the model `compute_loss` takes (the recommender's bi-encoder), or None.
+    wrap: turns the adapted module into the model `compute_loss` takes (the recommender's bi-encoder), or None;
+    sequences(batch) -> the adapted module's inputs for each sequence of a batch alone, for tasks whose example is
+    several sequences (the recommender's profile and movies), or None.
     """
 
     features: list[dict]
     collate_fn: Callable[[list[dict]], dict]
     compute_loss: Callable[[nn.Module, dict], torch.Tensor]
     wrap: Optional[Callable[[nn.Module], nn.Module]] = None
+    sequences: Optional[Callable[[dict], Iterable[dict]]] = None
 
 
 def calibration_subset(features: list[dict], samples: int, seed: int) -> list[dict]:
@@ -65,11 +68,17 @@ def calibrate(model: nn.Module, config: Any, args: argparse.Namespace, data: Cal
     loss_model = data.wrap(model) if data.wrap is not None else model
     kind = config.init_lora_weights if isinstance(config, LoraConfig) else config.init_weights
     # PEFT's CorDA hook reads one sequence per forward pass (it squeezes the batch dimension).
-    batch_size = 1 if kind == "corda" and isinstance(config, LoraConfig) else args.per_device_train_batch_size
+    one_sequence = kind == "corda" and isinstance(config, LoraConfig)
+    batch_size = 1 if one_sequence else args.per_device_train_batch_size
 
     def run_model() -> None:
         for start in range(0, len(subset), batch_size):
             batch = _to_device(data.collate_fn(subset[start:start + batch_size]), device)
+            if one_sequence and data.sequences is not None:
+                with torch.no_grad():
+                    for inputs in data.sequences(batch):
+                        model(**inputs)
+                continue
             loss = data.compute_loss(loss_model, batch)
             if kind in ("gradient", "lora_ga"):
                 loss.backward()
